@@ -1,0 +1,5 @@
+#include "bindings/registry.h"
+
+namespace kcore::bindings {
+void register_memory_attention(pybind11::module_& m) { (void)m; }
+}  // namespace kcore::bindings

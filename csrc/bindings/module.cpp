@@ -1,0 +1,34 @@
+// The one pybind11 module of kcore (kcore._C). Each op family registers its functions from its own
+// file in this folder; argument checks live in those files, the work in csrc/core and csrc/cuda.
+#include <pybind11/pybind11.h>
+
+#include "bindings/registry.h"
+#include "core/errors.h"
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "kcore native core (C++ CPU kernels and, when compiled, CUDA kernels)";
+#ifdef KCORE_WITH_CUDA
+  m.attr("cuda_compiled") = true;
+#else
+  m.attr("cuda_compiled") = false;
+#endif
+  // C++ core exceptions become the Python classes of kcore.errors (imported lazily: the module
+  // object exists only once kcore itself is importable).
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const kcore::InvalidInput& e) {
+      py::object cls = py::module_::import("kcore.errors").attr("InvalidInputError");
+      PyErr_SetString(cls.ptr(), e.what());
+    } catch (const kcore::FileFormat& e) {
+      py::object cls = py::module_::import("kcore.errors").attr("FileFormatError");
+      PyErr_SetString(cls.ptr(), e.what());
+    }
+  });
+  kcore::bindings::register_trie(m);
+  kcore::bindings::register_bitmask(m);
+  kcore::bindings::register_knn(m);
+  kcore::bindings::register_memory_attention(m);
+}

@@ -1,0 +1,5 @@
+import sys
+
+from kcore.cli import main
+
+sys.exit(main())
