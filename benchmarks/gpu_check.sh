@@ -10,6 +10,8 @@ mkdir -p "$OUT"
 exec > >(tee "$OUT/gpu_check.log") 2>&1
 nvidia-smi || true
 export HF_HUB_OFFLINE=1
+# Triton compiles for the GPU here, never the CPU interpreter.
+export TRITON_INTERPRET=0
 start=$(date +%s)
 KCORE_CUDA=ON python -m pip install --no-build-isolation --no-deps -e . -Cbuild-dir=build/gpu \
   -Ccmake.define.KCORE_CUDA=ON -Ccmake.define.CMAKE_CUDA_ARCHITECTURES=90 || { echo "BUILD FAILED"; exit 1; }

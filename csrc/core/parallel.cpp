@@ -9,13 +9,19 @@
 
 namespace kcore {
 
-int num_threads() {
+static int detect_num_threads() {
   if (const char* env = std::getenv("KCORE_NUM_THREADS")) {
     int n = std::atoi(env);
     if (n >= 1) return n;
   }
   unsigned hw = std::thread::hardware_concurrency();
   return hw == 0 ? 1 : static_cast<int>(hw);
+}
+
+int num_threads() {
+  // Read once: hardware_concurrency() reads /sys on every call (~5 us), too slow for small ops.
+  static const int n = detect_num_threads();
+  return n;
 }
 
 void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {

@@ -5,7 +5,8 @@
 
 namespace kcore {
 
-// Threads the CPU kernels may use: $KCORE_NUM_THREADS if set (>= 1), else the hardware count.
+// Threads the CPU kernels may use: $KCORE_NUM_THREADS if set (>= 1), else the hardware count;
+// read once, at the first call.
 int num_threads();
 
 // Calls fn(begin, end) on disjoint chunks covering [0, n), each of at least `grain` items, on up
