@@ -139,9 +139,15 @@ void apply_token_bitmask_cpu(const BitmaskArgs& a) {
   // Threads cost tens of microseconds to start: split only when each gets >= 2 MiB of logits.
   const int64_t row_bytes = a.vocab * element_size(a.dtype);
   const int64_t grain = std::max<int64_t>(1, (int64_t{2} << 20) / row_bytes);
-  parallel_for(n_rows, grain, [&](int64_t begin, int64_t end) {
+  auto rows = [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) mask_row(a, a.indices ? a.indices[i] : i);
-  });
+  };
+  // parallel_for asks the OS for the CPU count (~5 us), more than a small batch takes in total.
+  if (n_rows <= grain) {
+    rows(0, n_rows);
+  } else {
+    parallel_for(n_rows, grain, rows);
+  }
 }
 
 }  // namespace kcore

@@ -13,6 +13,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from kcore._native import native
 from kcore.errors import InvalidInputError
 from kcore.ops._dispatch import check_tensor, resolve_backend
 
@@ -91,7 +92,7 @@ def bitmask_to_bool(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
         )
     shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
     bits = torch.bitwise_and(torch.bitwise_right_shift(bitmask.unsqueeze(-1), shifts), 1)
-    return bits.reshape(bitmask.shape[0], -1)[:, :vocab_size].bool()
+    return bits.reshape(bitmask.shape[0], bitmask.shape[1] * 32)[:, :vocab_size].bool()
 
 
 def apply_token_bitmask_(
@@ -148,8 +149,16 @@ def apply_token_bitmask_(
 
 def _check_args(logits, bitmask, indices: IndicesLike) -> Optional[torch.Tensor]:
     """Checks of everything known without reading tensor values; returns indices as int64 or None."""
-    check_tensor("logits", logits, ndim=2, dtypes=LOGITS_DTYPES, dims="(batch, vocab)")
-    check_tensor("bitmask", bitmask, ndim=2, dtypes=(torch.int32,), device=logits.device, dims="(batch, ceil(vocab / 32))")
+    # Cheap predicates first (this runs every decoding step); check_tensor words the error.
+    if not (isinstance(logits, torch.Tensor) and logits.dim() == 2 and logits.dtype in _DTYPE_CODE):
+        check_tensor("logits", logits, ndim=2, dtypes=LOGITS_DTYPES, dims="(batch, vocab)")
+    if not (
+        isinstance(bitmask, torch.Tensor)
+        and bitmask.dim() == 2
+        and bitmask.dtype == torch.int32
+        and bitmask.device == logits.device
+    ):
+        check_tensor("bitmask", bitmask, ndim=2, dtypes=(torch.int32,), device=logits.device, dims="(batch, ceil(vocab / 32))")
     batch, vocab = logits.shape
     words = (vocab + 31) // 32
     if bitmask.shape[1] < words:
@@ -197,7 +206,10 @@ def _check_index_values(idx: torch.Tensor, logits: torch.Tensor, bitmask: torch.
 
 
 def _apply(logits: torch.Tensor, bitmask: torch.Tensor, idx: Optional[torch.Tensor], backend: str) -> None:
-    name = resolve_backend(backend, logits.device, supported=BACKENDS)
+    if logits.is_cpu and (backend == "auto" or backend == "cpu"):
+        name = "cpu"  # what resolve_backend answers, without its cost on the per-step path
+    else:
+        name = resolve_backend(backend, logits.device, supported=BACKENDS)
     if name == "cpu":
         _apply_native(logits, bitmask, idx, None)  # the C++ side range-checks the indices
         return
@@ -214,8 +226,6 @@ def _apply(logits: torch.Tensor, bitmask: torch.Tensor, idx: Optional[torch.Tens
 
 
 def _apply_native(logits, bitmask, idx, stream) -> None:
-    from kcore._native import native
-
     args = (
         logits.data_ptr(), _DTYPE_CODE[logits.dtype], logits.shape[0], logits.shape[1], logits.stride(0),
         bitmask.data_ptr(), bitmask.shape[0], bitmask.shape[1], bitmask.stride(0),
