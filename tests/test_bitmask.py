@@ -126,6 +126,18 @@ def test_backend_matches_reference(backend, dtype, vocab, batch):
         assert torch.equal(expected[1], logits[1]) and bool(torch.isneginf(expected[2]).all())
 
 
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+def test_cpu_large_sparse_mask(dtype):
+    # > 24 MiB of logits with mostly fully masked words: the C++ kernel's non-temporal store path,
+    # split over threads.
+    batch, vocab = 130, 128010
+    logits = random_logits(batch, vocab, DTYPES[dtype], 13)
+    g = torch.Generator().manual_seed(14)
+    bm = bitmask_from_bool(torch.rand(batch, vocab, generator=g) < 0.002)
+    bm[7] = -1
+    assert_same_bits(run("cpu", logits, bm), run("torch", logits, bm))
+
+
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_auto_backend(backend):
     dev = device_of(backend)

@@ -19,8 +19,25 @@ namespace {
 constexpr uint32_t kNegInfF32 = 0xFF800000u;
 constexpr uint16_t kNegInfF16 = 0xFC00u;
 constexpr uint16_t kNegInfBF16 = 0xFF80u;
+// Above this many bytes of logits per call, fully masked lines are streamed past the cache.
+constexpr int64_t kStreamingBytes = int64_t{24} << 20;
+
+#ifdef KCORE_BITMASK_AVX512
+// A fully masked, 64-byte aligned cache line: with kStream it is written with a non-temporal
+// store, which skips reading the line from memory first (half the traffic once the logits do not
+// fit in cache); otherwise with a plain store that keeps it in cache for the sampler.
+template <bool kStream>
+inline void store_line(void* p, __m512i v) {
+  if (kStream && (reinterpret_cast<uintptr_t>(p) & 63) == 0) {
+    _mm512_stream_si512(static_cast<__m512i*>(p), v);
+  } else {
+    _mm512_storeu_si512(p, v);
+  }
+}
+#endif
 
 // One row: `n` logits of 32-bit elements; `words` holds ceil(n / 32) mask words.
+template <bool kStream>
 void mask_row_32bit(uint32_t* row, const int32_t* words, int64_t n) {
   const int64_t full = n / 32;
 #ifdef KCORE_BITMASK_AVX512
@@ -29,6 +46,11 @@ void mask_row_32bit(uint32_t* row, const int32_t* words, int64_t n) {
     // Masked stores write only the disallowed lanes and never read the logits.
     const uint32_t drop = ~static_cast<uint32_t>(words[w]);
     if (drop == 0) continue;
+    if (drop == 0xFFFFFFFFu) {
+      store_line<kStream>(row + 32 * w, neg_inf);
+      store_line<kStream>(row + 32 * w + 16, neg_inf);
+      continue;
+    }
     _mm512_mask_storeu_epi32(row + 32 * w, static_cast<__mmask16>(drop), neg_inf);
     _mm512_mask_storeu_epi32(row + 32 * w + 16, static_cast<__mmask16>(drop >> 16), neg_inf);
   }
@@ -52,6 +74,7 @@ void mask_row_32bit(uint32_t* row, const int32_t* words, int64_t n) {
 }
 
 // One row of 16-bit logits (fp16 or bf16, told apart only by the -inf pattern).
+template <bool kStream>
 void mask_row_16bit(uint16_t* row, const int32_t* words, int64_t n, uint16_t neg_inf_bits) {
   const int64_t full = n / 32;
 #ifdef KCORE_BITMASK_AVX512
@@ -59,6 +82,10 @@ void mask_row_16bit(uint16_t* row, const int32_t* words, int64_t n, uint16_t neg
   for (int64_t w = 0; w < full; ++w) {
     const uint32_t drop = ~static_cast<uint32_t>(words[w]);
     if (drop == 0) continue;
+    if (drop == 0xFFFFFFFFu) {
+      store_line<kStream>(row + 32 * w, neg_inf);
+      continue;
+    }
     _mm512_mask_storeu_epi16(row + 32 * w, static_cast<__mmask32>(drop), neg_inf);
   }
   const int64_t rem = n - 32 * full;
@@ -78,17 +105,18 @@ void mask_row_16bit(uint16_t* row, const int32_t* words, int64_t n, uint16_t neg
 #endif
 }
 
+template <bool kStream>
 void mask_row(const BitmaskArgs& a, int64_t r) {
   const int32_t* words = a.bitmask + r * a.bitmask_row_stride;
   switch (a.dtype) {
     case LogitsDtype::kFloat32:
-      mask_row_32bit(static_cast<uint32_t*>(a.logits) + r * a.logits_row_stride, words, a.vocab);
+      mask_row_32bit<kStream>(static_cast<uint32_t*>(a.logits) + r * a.logits_row_stride, words, a.vocab);
       break;
     case LogitsDtype::kFloat16:
-      mask_row_16bit(static_cast<uint16_t*>(a.logits) + r * a.logits_row_stride, words, a.vocab, kNegInfF16);
+      mask_row_16bit<kStream>(static_cast<uint16_t*>(a.logits) + r * a.logits_row_stride, words, a.vocab, kNegInfF16);
       break;
     case LogitsDtype::kBFloat16:
-      mask_row_16bit(static_cast<uint16_t*>(a.logits) + r * a.logits_row_stride, words, a.vocab, kNegInfBF16);
+      mask_row_16bit<kStream>(static_cast<uint16_t*>(a.logits) + r * a.logits_row_stride, words, a.vocab, kNegInfBF16);
       break;
   }
 }
@@ -139,8 +167,18 @@ void apply_token_bitmask_cpu(const BitmaskArgs& a) {
   // Threads cost tens of microseconds to start: split only when each gets >= 2 MiB of logits.
   const int64_t row_bytes = a.vocab * element_size(a.dtype);
   const int64_t grain = std::max<int64_t>(1, (int64_t{2} << 20) / row_bytes);
+  // Logits much larger than the last-level cache will not be read back from cache by the sampler
+  // anyway: write fully masked lines with non-temporal stores there (see store_line).
+  const bool stream = n_rows * row_bytes >= kStreamingBytes;
   auto rows = [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) mask_row(a, a.indices ? a.indices[i] : i);
+    if (stream) {
+      for (int64_t i = begin; i < end; ++i) mask_row<true>(a, a.indices ? a.indices[i] : i);
+#ifdef KCORE_BITMASK_AVX512
+      _mm_sfence();  // non-temporal stores are weakly ordered: publish them before returning
+#endif
+    } else {
+      for (int64_t i = begin; i < end; ++i) mask_row<false>(a, a.indices ? a.indices[i] : i);
+    }
   };
   // parallel_for asks the OS for the CPU count (~5 us), more than a small batch takes in total.
   if (n_rows <= grain) {
