@@ -170,16 +170,20 @@ def test_strided_rows(backend, layout):
     assert_same_bits(big[outside], before[outside])
 
 
-@pytest.mark.parametrize("indices_kind", ["list", "int64", "int32", "duplicates", "empty"])
+@pytest.mark.parametrize("indices_kind", ["list", "numpy", "int64", "int32", "duplicates", "empty"])
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS + ["torch"])
 def test_indices_subset(backend, indices_kind):
     dev = device_of(backend)
     batch, vocab = 64, 49152
     logits = random_logits(batch, vocab, torch.float32, 7)
     bm = random_bitmask(batch, vocab, 8)
-    rows = {"list": [5, 0, 63, 17], "int64": [1, 2, 40], "int32": [3], "duplicates": [9, 9, 4, 9], "empty": []}[indices_kind]
+    rows = {"list": [5, 0, 63, 17], "numpy": [8, 1], "int64": [1, 2, 40], "int32": [3], "duplicates": [9, 9, 4, 9], "empty": []}[
+        indices_kind
+    ]
     if indices_kind == "list":
         indices = rows
+    elif indices_kind == "numpy":
+        indices = [np.int64(i) for i in rows]
     else:
         indices = torch.tensor(rows, dtype=torch.int32 if indices_kind == "int32" else torch.int64)
     out = logits.to(dev)
@@ -257,6 +261,10 @@ def test_torch_compile_cpu():
     y = compiled(x, bm)
     assert_same_bits(x, oracle(logits, bm))
     assert_same_bits(y, oracle(logits, bm) * 2)
+    x = logits.clone().requires_grad_(False)
+    version = x._version
+    apply_token_bitmask_(x, bm, backend="cpu")
+    assert x._version > version  # autograd sees the in-place write
     assert torch.library.opcheck(torch.ops.kcore.apply_token_bitmask_.default, (logits.clone(), bm, None, "cpu"))["test_schema"] == "SUCCESS"
 
 
@@ -286,6 +294,7 @@ def test_bad_input_names_the_argument(backend):
         (dict(indices=torch.tensor([[0]])), "indices"),
         (dict(indices=torch.tensor([0.0])), "indices"),
         (dict(indices=[0.5]), "indices"),
+        (dict(indices=[True]), "indices"),
         (dict(indices="0"), "indices"),
     ]
     for override, match in bad:

@@ -9,9 +9,11 @@ is an error, never a silent partial mask.
 
 from __future__ import annotations
 
+import operator
 from typing import Optional, Sequence, Union
 
 import torch
+from torch.autograd.graph import increment_version
 
 from kcore._native import native
 from kcore.errors import InvalidInputError
@@ -187,8 +189,12 @@ def _check_args(logits, bitmask, indices: IndicesLike) -> Optional[torch.Tensor]
             raise InvalidInputError(f"indices must be on the CPU or on logits' device {logits.device}, got {indices.device}")
         return indices.to(device=logits.device, dtype=torch.int64).contiguous()
     if isinstance(indices, (list, tuple)):
-        if not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
-            raise InvalidInputError(f"indices must be a sequence of ints, got {indices!r}")
+        try:
+            if any(isinstance(i, bool) for i in indices):
+                raise TypeError
+            indices = [operator.index(i) for i in indices]  # ints, numpy ints
+        except TypeError:
+            raise InvalidInputError(f"indices must be a sequence of ints, got {indices!r}") from None
         limit = min(batch, bitmask.shape[0])
         bad = [i for i in indices if not 0 <= i < limit]
         if bad:
@@ -210,19 +216,25 @@ def _apply(logits: torch.Tensor, bitmask: torch.Tensor, idx: Optional[torch.Tens
         name = "cpu"  # what resolve_backend answers, without its cost on the per-step path
     else:
         name = resolve_backend(backend, logits.device, supported=BACKENDS)
+    if name == "torch":
+        if idx is not None:
+            _check_index_values(idx, logits, bitmask)
+        _apply_torch(logits, bitmask, idx)
+        return
     if name == "cpu":
         _apply_native(logits, bitmask, idx, None)  # the C++ side range-checks the indices
-        return
-    if idx is not None:
-        _check_index_values(idx, logits, bitmask)
-    if name == "torch":
-        _apply_torch(logits, bitmask, idx)
-    elif name == "cuda":
-        _apply_native(logits, bitmask, idx, torch.cuda.current_stream(logits.device).cuda_stream)
     else:
-        from kcore.kernels.bitmask import apply_token_bitmask_triton
+        if idx is not None:
+            _check_index_values(idx, logits, bitmask)
+        if name == "cuda":
+            _apply_native(logits, bitmask, idx, torch.cuda.current_stream(logits.device).cuda_stream)
+        else:
+            from kcore.kernels.bitmask import apply_token_bitmask_triton
 
-        apply_token_bitmask_triton(logits, bitmask, idx)
+            apply_token_bitmask_triton(logits, bitmask, idx)
+    # The kernels write through raw pointers: tell autograd that logits changed, as an in-place
+    # torch op would, so a stale saved tensor raises instead of giving a wrong gradient.
+    increment_version(logits)
 
 
 def _apply_native(logits, bitmask, idx, stream) -> None:
