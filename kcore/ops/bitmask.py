@@ -121,7 +121,8 @@ def apply_token_bitmask_(
         indices: optional 1-D int32/int64 tensor (CPU or ``logits``' device) or sequence of ints
             ``(num_indices,)``: only these rows are masked, row ``r`` with bitmask row ``r``; other
             rows are untouched. Without it ``bitmask_batch`` must equal ``batch``. Each index must
-            be in ``[0, min(batch, bitmask_batch))``. Duplicates are allowed (same result).
+            be in ``[0, min(batch, bitmask_batch))`` (for indices on a GPU this check reads them
+            back: one device sync; pass a list to avoid it). Duplicates are allowed.
         backend: ``"auto"`` (``cuda`` then ``triton`` on GPU, ``cpu`` on CPU), ``"cpu"`` (C++,
             AVX-512 masked stores, threads for large batches), ``"triton"``, ``"cuda"``, or
             ``"torch"`` (plain reference).
