@@ -1,0 +1,191 @@
+#include "core/bitmask.h"
+
+#include <algorithm>
+#include <cstring>
+#include <string>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define KCORE_BITMASK_AVX512 1
+#endif
+
+#include "core/errors.h"
+#include "core/parallel.h"
+
+namespace kcore {
+namespace {
+
+// -inf bit patterns: logits are written as raw bits so fp16/bf16 need no conversion.
+constexpr uint32_t kNegInfF32 = 0xFF800000u;
+constexpr uint16_t kNegInfF16 = 0xFC00u;
+constexpr uint16_t kNegInfBF16 = 0xFF80u;
+// Above this many bytes of logits per call, fully masked lines are streamed past the cache.
+constexpr int64_t kStreamingBytes = int64_t{24} << 20;
+
+#ifdef KCORE_BITMASK_AVX512
+// A fully masked, 64-byte aligned cache line: with kStream it is written with a non-temporal
+// store, which skips reading the line from memory first (half the traffic once the logits do not
+// fit in cache); otherwise with a plain store that keeps it in cache for the sampler.
+template <bool kStream>
+inline void store_line(void* p, __m512i v) {
+  if (kStream && (reinterpret_cast<uintptr_t>(p) & 63) == 0) {
+    _mm512_stream_si512(static_cast<__m512i*>(p), v);
+  } else {
+    _mm512_storeu_si512(p, v);
+  }
+}
+#endif
+
+// One row: `n` logits of 32-bit elements; `words` holds ceil(n / 32) mask words.
+template <bool kStream>
+void mask_row_32bit(uint32_t* row, const int32_t* words, int64_t n) {
+  const int64_t full = n / 32;
+#ifdef KCORE_BITMASK_AVX512
+  const __m512i neg_inf = _mm512_set1_epi32(static_cast<int>(kNegInfF32));
+  for (int64_t w = 0; w < full; ++w) {
+    // Masked stores write only the disallowed lanes and never read the logits.
+    const uint32_t drop = ~static_cast<uint32_t>(words[w]);
+    if (drop == 0) continue;
+    if (drop == 0xFFFFFFFFu) {
+      store_line<kStream>(row + 32 * w, neg_inf);
+      store_line<kStream>(row + 32 * w + 16, neg_inf);
+      continue;
+    }
+    _mm512_mask_storeu_epi32(row + 32 * w, static_cast<__mmask16>(drop), neg_inf);
+    _mm512_mask_storeu_epi32(row + 32 * w + 16, static_cast<__mmask16>(drop >> 16), neg_inf);
+  }
+  const int64_t rem = n - 32 * full;
+  if (rem > 0) {
+    // Lanes past the row end are masked off (masked stores do not fault on them).
+    const uint32_t drop = ~static_cast<uint32_t>(words[full]) & ((1u << rem) - 1u);
+    _mm512_mask_storeu_epi32(row + 32 * full, static_cast<__mmask16>(drop), neg_inf);
+    _mm512_mask_storeu_epi32(row + 32 * full + 16, static_cast<__mmask16>(drop >> 16), neg_inf);
+  }
+#else
+  for (int64_t w = 0; w < full; ++w) {
+    const uint32_t keep = static_cast<uint32_t>(words[w]);
+    if (keep == 0xFFFFFFFFu) continue;
+    uint32_t* p = row + 32 * w;
+    for (int b = 0; b < 32; ++b) p[b] = ((keep >> b) & 1u) ? p[b] : kNegInfF32;
+  }
+  for (int64_t j = 32 * full; j < n; ++j)
+    if (!((static_cast<uint32_t>(words[full]) >> (j - 32 * full)) & 1u)) row[j] = kNegInfF32;
+#endif
+}
+
+// One row of 16-bit logits (fp16 or bf16, told apart only by the -inf pattern).
+template <bool kStream>
+void mask_row_16bit(uint16_t* row, const int32_t* words, int64_t n, uint16_t neg_inf_bits) {
+  const int64_t full = n / 32;
+#ifdef KCORE_BITMASK_AVX512
+  const __m512i neg_inf = _mm512_set1_epi16(static_cast<short>(neg_inf_bits));
+  for (int64_t w = 0; w < full; ++w) {
+    const uint32_t drop = ~static_cast<uint32_t>(words[w]);
+    if (drop == 0) continue;
+    if (drop == 0xFFFFFFFFu) {
+      store_line<kStream>(row + 32 * w, neg_inf);
+      continue;
+    }
+    _mm512_mask_storeu_epi16(row + 32 * w, static_cast<__mmask32>(drop), neg_inf);
+  }
+  const int64_t rem = n - 32 * full;
+  if (rem > 0) {
+    const uint32_t drop = ~static_cast<uint32_t>(words[full]) & ((1u << rem) - 1u);
+    _mm512_mask_storeu_epi16(row + 32 * full, static_cast<__mmask32>(drop), neg_inf);
+  }
+#else
+  for (int64_t w = 0; w < full; ++w) {
+    const uint32_t keep = static_cast<uint32_t>(words[w]);
+    if (keep == 0xFFFFFFFFu) continue;
+    uint16_t* p = row + 32 * w;
+    for (int b = 0; b < 32; ++b) p[b] = ((keep >> b) & 1u) ? p[b] : neg_inf_bits;
+  }
+  for (int64_t j = 32 * full; j < n; ++j)
+    if (!((static_cast<uint32_t>(words[full]) >> (j - 32 * full)) & 1u)) row[j] = neg_inf_bits;
+#endif
+}
+
+template <bool kStream>
+void mask_row(const BitmaskArgs& a, int64_t r) {
+  const int32_t* words = a.bitmask + r * a.bitmask_row_stride;
+  switch (a.dtype) {
+    case LogitsDtype::kFloat32:
+      mask_row_32bit<kStream>(static_cast<uint32_t*>(a.logits) + r * a.logits_row_stride, words, a.vocab);
+      break;
+    case LogitsDtype::kFloat16:
+      mask_row_16bit<kStream>(static_cast<uint16_t*>(a.logits) + r * a.logits_row_stride, words, a.vocab, kNegInfF16);
+      break;
+    case LogitsDtype::kBFloat16:
+      mask_row_16bit<kStream>(static_cast<uint16_t*>(a.logits) + r * a.logits_row_stride, words, a.vocab, kNegInfBF16);
+      break;
+  }
+}
+
+int64_t element_size(LogitsDtype d) { return d == LogitsDtype::kFloat32 ? 4 : 2; }
+
+}  // namespace
+
+void validate_bitmask_args(const BitmaskArgs& a, bool indices_on_host) {
+  const int dt = static_cast<int>(a.dtype);
+  if (dt < 0 || dt > 2) throw InvalidInput("logits dtype code must be 0 (fp32), 1 (fp16) or 2 (bf16), got " + std::to_string(dt));
+  if (a.rows < 0 || a.vocab < 0)
+    throw InvalidInput("logits shape must be non-negative, got (" + std::to_string(a.rows) + ", " + std::to_string(a.vocab) + ")");
+  const int64_t needed_words = (a.vocab + 31) / 32;
+  if (a.bitmask_words < needed_words)
+    throw InvalidInput("bitmask must have at least ceil(vocab / 32) = " + std::to_string(needed_words) +
+                       " words per row for vocab = " + std::to_string(a.vocab) + ", got " + std::to_string(a.bitmask_words));
+  if (a.bitmask_rows < 0 || a.bitmask_row_stride < 0)
+    throw InvalidInput("bitmask rows and row stride must be >= 0, got " + std::to_string(a.bitmask_rows) + " and " +
+                       std::to_string(a.bitmask_row_stride));
+  if (a.rows > 1 && a.logits_row_stride < a.vocab)
+    throw InvalidInput("logits row stride must be >= vocab = " + std::to_string(a.vocab) + ", got " +
+                       std::to_string(a.logits_row_stride));
+  if (a.num_indices < 0) throw InvalidInput("num_indices must be >= 0, got " + std::to_string(a.num_indices));
+  if (a.indices == nullptr && a.bitmask_rows != a.rows)
+    throw InvalidInput("bitmask must have as many rows as logits (" + std::to_string(a.rows) + ") when indices is None, got " +
+                       std::to_string(a.bitmask_rows));
+  const bool has_work = a.vocab > 0 && (a.indices ? a.num_indices > 0 : a.rows > 0);
+  if (has_work && (a.logits == nullptr || a.bitmask == nullptr))
+    throw InvalidInput("logits and bitmask pointers must not be null");
+  if (a.indices == nullptr && a.num_indices != 0)
+    throw InvalidInput("indices pointer is null but num_indices = " + std::to_string(a.num_indices));
+  if (a.indices != nullptr && indices_on_host) {
+    const int64_t limit = std::min(a.rows, a.bitmask_rows);
+    for (int64_t i = 0; i < a.num_indices; ++i) {
+      const int64_t r = a.indices[i];
+      if (r < 0 || r >= limit)
+        throw InvalidInput("indices[" + std::to_string(i) + "] = " + std::to_string(r) + " is out of range [0, " +
+                           std::to_string(limit) + ") (rows of logits and bitmask)");
+    }
+  }
+}
+
+void apply_token_bitmask_cpu(const BitmaskArgs& a) {
+  validate_bitmask_args(a, /*indices_on_host=*/true);
+  const int64_t n_rows = a.indices ? a.num_indices : a.rows;
+  if (n_rows == 0 || a.vocab == 0) return;
+  // Threads cost tens of microseconds to start: split only when each gets >= 2 MiB of logits.
+  const int64_t row_bytes = a.vocab * element_size(a.dtype);
+  const int64_t grain = std::max<int64_t>(1, (int64_t{2} << 20) / row_bytes);
+  // Logits much larger than the last-level cache will not be read back from cache by the sampler
+  // anyway: write fully masked lines with non-temporal stores there (see store_line).
+  const bool stream = n_rows * row_bytes >= kStreamingBytes;
+  auto rows = [&](int64_t begin, int64_t end) {
+    if (stream) {
+      for (int64_t i = begin; i < end; ++i) mask_row<true>(a, a.indices ? a.indices[i] : i);
+#ifdef KCORE_BITMASK_AVX512
+      _mm_sfence();  // non-temporal stores are weakly ordered: publish them before returning
+#endif
+    } else {
+      for (int64_t i = begin; i < end; ++i) mask_row<false>(a, a.indices ? a.indices[i] : i);
+    }
+  };
+  // parallel_for asks the OS for the CPU count (~5 us), more than a small batch takes in total.
+  if (n_rows <= grain) {
+    rows(0, n_rows);
+  } else {
+    parallel_for(n_rows, grain, rows);
+  }
+}
+
+}  // namespace kcore
