@@ -78,12 +78,16 @@ def _flatten_chunk(batch: list, first_index: int) -> Tuple[np.ndarray, np.ndarra
         if isinstance(s, (str, bytes)):
             raise InvalidInputError(f"fact {first_index + i} must be a sequence of token ids, got a {type(s).__name__}")
     try:
-        tokens = np.fromiter(itertools.chain.from_iterable(batch), dtype=np.int64, count=int(offsets[-1]))
-    except (TypeError, ValueError, OverflowError):
+        tokens = np.array(list(itertools.chain.from_iterable(batch)))
+    except (TypeError, ValueError):
+        tokens = None
+    if tokens is None or (tokens.size and tokens.dtype.kind not in "iu"):
         for i, s in enumerate(batch):
-            if not all(isinstance(t, (int, np.integer)) for t in s):
-                raise InvalidInputError(f"fact {first_index + i} must hold integer token ids, got {list(s)[:8]}") from None
-        raise
+            if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in s):
+                raise InvalidInputError(f"fact {first_index + i} must hold integer token ids, got {list(s)[:8]}")
+        tokens = np.array(list(itertools.chain.from_iterable(batch)), dtype=np.int64)
+    if tokens.dtype != np.int64 or tokens.ndim != 1:
+        tokens = tokens.astype(np.int64).reshape(-1)
     return tokens, offsets
 
 
