@@ -43,6 +43,8 @@ _CHUNK = 1 << 16
 
 
 def _as_states(x, name: str) -> np.ndarray:
+    if type(x) is np.ndarray and x.dtype == np.int64:
+        return x
     if type(x).__module__.startswith("torch"):
         x = x.detach().cpu().numpy()
     a = np.asarray(x)
@@ -539,7 +541,7 @@ class FactTrie:
                     f"{bitmask.shape}"
                 )
             rows, words = bitmask.shape
-            ptr = bitmask.ctypes.data
+            ptr = bitmask
         else:
             raise InvalidInputError(f"bitmask must be a numpy array or a torch tensor, got {type(bitmask).__name__}")
         if words < self._words:

@@ -171,9 +171,21 @@ void register_trie(py::module_& m) {
           py::arg("states"))
       .def(
           "fill_bitmask",
-          [](const Trie& t, const I64Array& states, uintptr_t bitmask_ptr, int64_t rows, int64_t words_per_row,
+          [](const Trie& t, const I64Array& states, const py::object& bitmask, int64_t rows, int64_t words_per_row,
              const std::optional<I64Array>& written_offsets, const std::optional<I64Array>& written_ids) {
             require_1d(states, "states");
+            // The bitmask: a C-contiguous int32 numpy array, or the address of a CPU torch tensor's
+            // storage whose dtype, shape and layout kcore/trie.py checked.
+            uintptr_t bitmask_ptr = 0;
+            if (py::isinstance<py::array>(bitmask)) {
+              auto a = py::reinterpret_borrow<py::array>(bitmask);
+              if (!py::isinstance<py::array_t<int32_t>>(a) || a.ndim() != 2 || a.shape(0) != rows ||
+                  a.shape(1) != words_per_row || !(a.flags() & py::array::c_style))
+                throw InvalidInput("bitmask must be a C-contiguous int32 array of shape (rows, words_per_row)");
+              bitmask_ptr = reinterpret_cast<uintptr_t>(a.mutable_data());
+            } else {
+              bitmask_ptr = bitmask.cast<uintptr_t>();
+            }
             if (rows != states.size())
               throw InvalidInput("bitmask has " + std::to_string(rows) + " rows, expected one per state (" +
                                  std::to_string(states.size()) + ")");
@@ -207,7 +219,7 @@ void register_trie(py::module_& m) {
             py::gil_scoped_release release;
             t.fill_bitmask(states.data(), rows, mask, words_per_row, wo, wi);
           },
-          py::arg("states"), py::arg("bitmask_ptr"), py::arg("rows"), py::arg("words_per_row"),
+          py::arg("states"), py::arg("bitmask"), py::arg("rows"), py::arg("words_per_row"),
           py::arg("written_offsets") = py::none(), py::arg("written_ids") = py::none());
 }
 

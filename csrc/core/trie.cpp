@@ -23,6 +23,17 @@ constexpr int64_t kDead = -1;
 // Rows per thread in batched calls: a row costs well under a microsecond, a thread start tens.
 constexpr int64_t kRowGrain = 512;
 
+// parallel_for asks the OS for the CPU count on every call (microseconds): small batches, the
+// common case in decoding, run inline without it.
+template <typename Fn>
+void for_rows(int64_t n, const Fn& fn) {
+  if (n < 2 * kRowGrain) {
+    fn(int64_t{0}, n);
+  } else {
+    parallel_for(n, kRowGrain, fn);
+  }
+}
+
 inline int64_t make_state(uint64_t offset, uint64_t rank) { return static_cast<int64_t>((rank << 32) | offset); }
 inline uint64_t state_offset(int64_t s) { return static_cast<uint64_t>(s) & 0xffffffffu; }
 inline uint64_t state_rank(int64_t s) { return static_cast<uint64_t>(s) >> 32; }
@@ -242,7 +253,7 @@ void Trie::next_tokens(int64_t s, std::vector<int32_t>* out) const {
 }
 
 void Trie::step(const int64_t* states, const int64_t* tokens, int64_t n, int64_t* out) const {
-  parallel_for(n, kRowGrain, [&](int64_t b, int64_t e) {
+  for_rows(n, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) out[i] = step(states[i], tokens[i]);
   });
 }
@@ -252,7 +263,7 @@ void Trie::is_complete(const int64_t* states, int64_t n, bool* out) const {
 }
 
 void Trie::fact_range(const int64_t* states, int64_t n, int64_t* first, int64_t* count) const {
-  parallel_for(n, kRowGrain, [&](int64_t b, int64_t e) {
+  for_rows(n, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) fact_range(states[i], first + i, count + i);
   });
 }
@@ -311,7 +322,7 @@ void Trie::fill_bitmask(const int64_t* states, int64_t n, int32_t* bitmask, int6
     throw InvalidInput("bitmask has " + std::to_string(words_per_row) + " words per row, expected at least ceil(" +
                        std::to_string(h_.vocab_size) + " / 32) = " + std::to_string(need));
   uint32_t* mask = reinterpret_cast<uint32_t*>(bitmask);
-  parallel_for(n, kRowGrain, [&](int64_t b, int64_t e) {
+  for_rows(n, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       const int64_t* w = written_offsets ? written_ids + written_offsets[i] : nullptr;
       const int64_t nw = written_offsets ? written_offsets[i + 1] - written_offsets[i] : 0;

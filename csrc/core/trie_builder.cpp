@@ -32,30 +32,45 @@ inline int compare_seq(const uint32_t* a, size_t la, const uint32_t* b, size_t l
 using SeqSink = std::function<void(const uint32_t*, size_t)>;
 
 // Sequence ids of the buffer in sorted order: a counting sort on the first token, then a
-// comparison sort inside each first-token bucket (buckets sorted in parallel).
+// comparison sort inside each first-token bucket (buckets sorted in parallel) on a 64-bit key of
+// the next two tokens, comparing the rest of the sequences only on equal keys.
 std::vector<uint64_t> sorted_order(const std::vector<uint32_t>& tokens, const std::vector<uint64_t>& offsets,
                                    uint32_t vocab_size) {
   const uint64_t n = offsets.size() - 1;
   std::vector<uint64_t> bucket_start(static_cast<size_t>(vocab_size) + 1, 0);
   for (uint64_t i = 0; i < n; ++i) ++bucket_start[tokens[offsets[i]] + 1];
   for (uint32_t t = 0; t < vocab_size; ++t) bucket_start[t + 1] += bucket_start[t];
-  std::vector<uint64_t> order(n);
-  {
-    std::vector<uint64_t> fill(bucket_start.begin(), bucket_start.end() - 1);
-    for (uint64_t i = 0; i < n; ++i) order[fill[tokens[offsets[i]]]++] = i;
-  }
+  struct Entry {
+    uint64_t key;  // (token 1 + 1) << 32 | (token 2 + 1); 0 where the sequence has ended
+    uint64_t id;
+  };
   const uint32_t* tok = tokens.data();
   const uint64_t* off = offsets.data();
-  auto less = [tok, off](uint64_t a, uint64_t b) {
-    return compare_seq(tok + off[a] + 1, off[a + 1] - off[a] - 1, tok + off[b] + 1, off[b + 1] - off[b] - 1) < 0;
+  std::vector<Entry> entries(n);
+  {
+    std::vector<uint64_t> fill(bucket_start.begin(), bucket_start.end() - 1);
+    for (uint64_t i = 0; i < n; ++i) {
+      const uint32_t* p = tok + off[i];
+      const uint64_t len = off[i + 1] - off[i];
+      const uint64_t k1 = len > 1 ? p[1] + 1u : 0, k2 = len > 2 ? p[2] + 1u : 0;
+      entries[fill[p[0]]++] = Entry{(k1 << 32) | k2, i};
+    }
+  }
+  auto less = [tok, off](const Entry& a, const Entry& b) {
+    if (a.key != b.key) return a.key < b.key;
+    if ((a.key & 0xffffffffu) == 0) return false;  // both ended within three tokens: equal
+    return compare_seq(tok + off[a.id] + 3, off[a.id + 1] - off[a.id] - 3, tok + off[b.id] + 3,
+                       off[b.id + 1] - off[b.id] - 3) < 0;
   };
   parallel_for(vocab_size, 256, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      auto first = order.begin() + static_cast<int64_t>(bucket_start[t]);
-      auto last = order.begin() + static_cast<int64_t>(bucket_start[t + 1]);
+      auto first = entries.begin() + static_cast<int64_t>(bucket_start[t]);
+      auto last = entries.begin() + static_cast<int64_t>(bucket_start[t + 1]);
       if (last - first > 1) std::sort(first, last, less);
     }
   });
+  std::vector<uint64_t> order(n);
+  for (uint64_t i = 0; i < n; ++i) order[i] = entries[i].id;
   return order;
 }
 
@@ -113,12 +128,13 @@ class RunReader {
 
 // Minimal acyclic automaton for sorted input (Daciuk et al. 2000). Nodes are frozen bottom-up
 // as soon as no later sequence can extend them, and replaced by an equal frozen node (same
-// final flag, same labelled edges to the same nodes) when one exists.
+// final flag, same labelled edges to the same nodes) when one exists. Frozen nodes are packed
+// records in one pool ([degree << 1 | final][count][token, target]...) and the register is an
+// open-addressing table of (hash, id) words, so a lookup touches about two cache lines.
 class DawgBuilder {
  public:
   DawgBuilder() {
-    edge_begin_.push_back(0);
-    table_.assign(1 << 16, kEmpty);
+    table_.assign(1 << 16, 0);
     open_.resize(1);
   }
 
@@ -150,93 +166,95 @@ class DawgBuilder {
 
   uint64_t num_facts() const { return num_facts_; }
   uint64_t num_trie_nodes() const { return num_trie_nodes_; }
-  uint64_t num_nodes() const { return final_.size(); }
-  uint64_t num_edges() const { return edge_token_.size(); }
-  uint64_t degree(uint32_t v) const { return edge_begin_[v + 1] - edge_begin_[v]; }
-  uint64_t edges_begin(uint32_t v) const { return edge_begin_[v]; }
-  uint32_t edge_token(uint64_t e) const { return edge_token_[e]; }
-  uint32_t edge_target(uint64_t e) const { return edge_target_[e]; }
-  bool final(uint32_t v) const { return final_[v] != 0; }
-  uint64_t count(uint32_t v) const { return count_[v]; }
+  uint64_t num_nodes() const { return node_off_.size(); }
+  uint64_t num_edges() const { return num_edges_; }
+  uint32_t degree(uint32_t v) const { return pool_[node_off_[v]] >> 1; }
+  bool final(uint32_t v) const { return pool_[node_off_[v]] & 1; }
+  uint64_t count(uint32_t v) const { return pool_[node_off_[v] + 1]; }
+  uint32_t edge_token(uint32_t v, uint32_t k) const { return pool_[node_off_[v] + 2 + 2 * k]; }
+  uint32_t edge_target(uint32_t v, uint32_t k) const { return pool_[node_off_[v] + 3 + 2 * k]; }
 
  private:
-  static constexpr uint32_t kEmpty = 0xffffffffu;
   struct Open {
     bool final = false;
-    std::vector<std::pair<uint32_t, uint32_t>> edges;  // (token, frozen child)
+    std::vector<uint32_t> edges;  // token, frozen child, token, frozen child, ...
   };
 
   void freeze_to(size_t p) {
     while (depth_ > p) {
       uint32_t id = intern(open_[depth_]);
       --depth_;
-      open_[depth_].edges.emplace_back(prev_[depth_], id);
+      open_[depth_].edges.push_back(prev_[depth_]);
+      open_[depth_].edges.push_back(id);
     }
   }
 
-  static uint64_t mix(uint64_t h) {
-    h ^= h >> 33;
-    h *= 0xff51afd7ed558ccdULL;
-    h ^= h >> 33;
-    return h;
-  }
   static uint64_t hash_open(const Open& o) {
     uint64_t h = o.final ? 0x9e3779b97f4a7c15ULL : 0x632be59bd9b4e019ULL;
-    for (const auto& e : o.edges) h = mix(h ^ ((uint64_t{e.first} << 32) | e.second)) + 0x9e3779b97f4a7c15ULL;
-    return h;
+    for (size_t i = 0; i < o.edges.size(); i += 2) {
+      h ^= (uint64_t{o.edges[i]} << 32) | o.edges[i + 1];
+      h *= 0xff51afd7ed558ccdULL;
+      h ^= h >> 32;
+    }
+    h *= 0xc4ceb9fe1a85ec53ULL;
+    return h ^ (h >> 29);
   }
   bool equal(uint32_t v, const Open& o) const {
-    if (final(v) != o.final || degree(v) != o.edges.size()) return false;
-    const uint64_t b = edge_begin_[v];
-    for (size_t i = 0; i < o.edges.size(); ++i) {
-      if (edge_token_[b + i] != o.edges[i].first || edge_target_[b + i] != o.edges[i].second) return false;
-    }
-    return true;
+    const uint32_t* r = pool_.data() + node_off_[v];
+    if (r[0] != ((static_cast<uint32_t>(o.edges.size() / 2) << 1) | (o.final ? 1u : 0u))) return false;
+    return std::equal(o.edges.begin(), o.edges.end(), r + 2);
   }
 
   uint32_t intern(const Open& o) {
     const uint64_t h = hash_open(o);
-    uint64_t mask = table_.size() - 1;
+    const uint64_t tag = h >> 32;
+    const uint64_t mask = table_.size() - 1;
     for (uint64_t i = h & mask;; i = (i + 1) & mask) {
-      uint32_t v = table_[i];
-      if (v == kEmpty) break;
-      if (hashes_[v] == h && equal(v, o)) return v;
+      const uint64_t e = table_[i];
+      if (e == 0) break;
+      if ((e >> 32) == tag && equal(static_cast<uint32_t>(e) - 1, o)) return static_cast<uint32_t>(e) - 1;
     }
-    if (final_.size() >= kEmpty - 1) throw InvalidInput("too many trie nodes for format version 1 (limit 2^32 - 2)");
-    const uint32_t id = static_cast<uint32_t>(final_.size());
+    if (node_off_.size() >= 0xfffffffeu) throw InvalidInput("too many trie nodes for format version 1 (limit 2^32 - 2)");
+    const uint32_t id = static_cast<uint32_t>(node_off_.size());
     uint64_t count = o.final ? 1 : 0;
-    for (const auto& e : o.edges) {
-      edge_token_.push_back(e.first);
-      edge_target_.push_back(e.second);
-      count += count_[e.second];
-    }
-    edge_begin_.push_back(edge_token_.size());
-    final_.push_back(o.final ? 1 : 0);
-    count_.push_back(count);
-    hashes_.push_back(h);
-    if (2 * (final_.size() + 1) > table_.size()) {
+    for (size_t i = 1; i < o.edges.size(); i += 2) count += count_of(o.edges[i]);
+    if (count >= (uint64_t{1} << 31)) throw InvalidInput("too many facts for format version 1 (limit 2^31 - 1)");
+    node_off_.push_back(pool_.size());
+    pool_.push_back((static_cast<uint32_t>(o.edges.size() / 2) << 1) | (o.final ? 1u : 0u));
+    pool_.push_back(static_cast<uint32_t>(count));
+    pool_.insert(pool_.end(), o.edges.begin(), o.edges.end());
+    num_edges_ += o.edges.size() / 2;
+    if (2 * (node_off_.size() + 1) > table_.size()) {
       rehash(table_.size() * 2);
     } else {
-      insert(id);
+      insert((tag << 32) | (id + 1), h);
     }
     return id;
   }
-  void insert(uint32_t v) {
+  uint64_t count_of(uint32_t v) const { return pool_[node_off_[v] + 1]; }
+  void insert(uint64_t entry, uint64_t h) {
     const uint64_t mask = table_.size() - 1;
-    uint64_t i = hashes_[v] & mask;
-    while (table_[i] != kEmpty) i = (i + 1) & mask;
-    table_[i] = v;
+    uint64_t i = h & mask;
+    while (table_[i] != 0) i = (i + 1) & mask;
+    table_[i] = entry;
   }
   void rehash(size_t capacity) {
-    table_.assign(capacity, kEmpty);
-    for (uint32_t v = 0; v < final_.size(); ++v) insert(v);
+    std::vector<uint64_t> old(capacity, 0);
+    old.swap(table_);
+    Open tmp;
+    for (uint32_t v = 0; v < node_off_.size(); ++v) {
+      const uint32_t* r = pool_.data() + node_off_[v];
+      tmp.final = r[0] & 1;
+      tmp.edges.assign(r + 2, r + 2 + 2 * (r[0] >> 1));
+      const uint64_t h = hash_open(tmp);
+      insert(((h >> 32) << 32) | (v + 1), h);
+    }
   }
 
-  std::vector<uint64_t> edge_begin_;
-  std::vector<uint32_t> edge_token_, edge_target_;
-  std::vector<uint8_t> final_;
-  std::vector<uint64_t> count_, hashes_;
-  std::vector<uint32_t> table_;
+  std::vector<uint32_t> pool_;
+  std::vector<uint64_t> node_off_;
+  std::vector<uint64_t> table_;  // (hash >> 32) << 32 | (id + 1); 0 = empty
+  uint64_t num_edges_ = 0;
   std::vector<Open> open_;  // open_[d]: the node at depth d of the last sequence; root at 0
   size_t depth_ = 0;
   std::vector<uint32_t> prev_;
@@ -262,9 +280,8 @@ std::vector<uint8_t> layout(const DawgBuilder& g, uint32_t root, unsigned token_
     if (position[v] != kNone) continue;
     position[v] = static_cast<uint32_t>(order.size());
     order.push_back(v);
-    const uint64_t b = g.edges_begin(v);
-    for (uint64_t e = b + g.degree(v); e-- > b;) {
-      if (position[g.edge_target(e)] == kNone) stack.push_back(g.edge_target(e));
+    for (uint32_t k = g.degree(v); k-- > 0;) {
+      if (position[g.edge_target(v, k)] == kNone) stack.push_back(g.edge_target(v, k));
     }
   }
   // Kind and next-child index of each placed node.
@@ -273,9 +290,9 @@ std::vector<uint8_t> layout(const DawgBuilder& g, uint32_t root, unsigned token_
   for (uint64_t i = 0; i < n; ++i) {
     const uint32_t v = order[i];
     const uint32_t nxt = i + 1 < n ? order[i + 1] : kNone;
-    const uint64_t d = g.degree(v), b = g.edges_begin(v);
-    for (uint64_t k = 0; k < d && d <= kSmallMaxDegree; ++k) {
-      if (g.edge_target(b + k) == nxt) {
+    const uint32_t d = g.degree(v);
+    for (uint32_t k = 0; k < d && d <= kSmallMaxDegree; ++k) {
+      if (g.edge_target(v, k) == nxt) {
         next_child[v] = static_cast<int32_t>(k);
         break;
       }
@@ -317,7 +334,7 @@ std::vector<uint8_t> layout(const DawgBuilder& g, uint32_t root, unsigned token_
   std::vector<uint8_t> data(total + kDataPad, 0);
   for (uint64_t i = 0; i < n; ++i) {
     const uint32_t v = order[i];
-    const uint64_t d = g.degree(v), b = g.edges_begin(v);
+    const uint32_t d = g.degree(v);
     uint8_t* p = data.data() + offset[v];
     switch (kind[v]) {
       case kLeaf:
@@ -325,17 +342,17 @@ std::vector<uint8_t> layout(const DawgBuilder& g, uint32_t root, unsigned token_
         break;
       case kChain:
         *p++ = make_head(g.final(v), kChain, 0);
-        store_uint(p, g.edge_token(b), token_bytes);
+        store_uint(p, g.edge_token(v, 0), token_bytes);
         break;
       case kSmall: {
         const int32_t nc = next_child[v];
         *p++ = make_head(g.final(v), kSmall, static_cast<uint8_t>(((d - 1) << 1) | (nc >= 0 ? 1 : 0)));
         p = store_varint(p, g.count(v));
         if (nc >= 0) *p++ = static_cast<uint8_t>(nc);
-        for (uint64_t k = 0; k < d; ++k, p += token_bytes) store_uint(p, g.edge_token(b + k), token_bytes);
-        for (uint64_t k = 0; k < d; ++k) {
-          if (static_cast<int64_t>(k) == nc) continue;
-          store_uint(p, offset[g.edge_target(b + k)], target_bytes);
+        for (uint32_t k = 0; k < d; ++k, p += token_bytes) store_uint(p, g.edge_token(v, k), token_bytes);
+        for (uint32_t k = 0; k < d; ++k) {
+          if (static_cast<int32_t>(k) == nc) continue;
+          store_uint(p, offset[g.edge_target(v, k)], target_bytes);
           p += target_bytes;
         }
         break;
@@ -344,12 +361,12 @@ std::vector<uint8_t> layout(const DawgBuilder& g, uint32_t root, unsigned token_
         *p++ = make_head(g.final(v), kLarge, 0);
         p = store_varint(p, d);
         p = store_varint(p, g.count(v));
-        for (uint64_t k = 0; k < d; ++k, p += token_bytes) store_uint(p, g.edge_token(b + k), token_bytes);
-        for (uint64_t k = 0; k < d; ++k, p += target_bytes) store_uint(p, offset[g.edge_target(b + k)], target_bytes);
+        for (uint32_t k = 0; k < d; ++k, p += token_bytes) store_uint(p, g.edge_token(v, k), token_bytes);
+        for (uint32_t k = 0; k < d; ++k, p += target_bytes) store_uint(p, offset[g.edge_target(v, k)], target_bytes);
         uint64_t rank = g.final(v) ? 1 : 0;
-        for (uint64_t k = 0; k < d; ++k, p += rank_bytes) {
+        for (uint32_t k = 0; k < d; ++k, p += rank_bytes) {
           store_uint(p, rank, rank_bytes);
-          rank += g.count(g.edge_target(b + k));
+          rank += g.count(g.edge_target(v, k));
         }
       }
     }
