@@ -159,3 +159,45 @@ def test_from_facts_and_tokenizer_mismatch(smollm2_tokenizer, swapped_tokenizer,
         FactTrie.from_facts(["a b .", "  "], tok, tmp_path / "x.ktrie", progress=False)
     with pytest.raises(kcore.InvalidInputError, match="fact 0 must be a str"):
         FactTrie.from_facts([3], tok, tmp_path / "x.ktrie", progress=False)
+
+
+def test_corrupted_data_never_crashes(trie_file, tmp_path):
+    """With the default header-only check, a corrupted data section gives kcore errors or wrong
+    answers, never a crash or a write outside the bitmask."""
+    path, facts = trie_file
+    data = path.read_bytes()
+    rng = np.random.default_rng(5)
+    prefixes = [f[: int(rng.integers(0, len(f)))] for f in facts[:200]]
+    for trial in range(40):
+        flipped = bytearray(data)
+        for pos in rng.integers(HEADER, len(data) - 8, 20):
+            flipped[pos] = int(rng.integers(256))
+        bad = tmp_path / f"c{trial}.ktrie"
+        bad.write_bytes(bytes(flipped))
+        t = FactTrie.load(bad)
+        guard = np.zeros((len(prefixes) + 1, 16 + 1), dtype=np.int32)
+        for p in prefixes:
+            try:
+                s = t.state_of(p)
+                t.next_tokens(p)
+                t.fact_range([s])
+                t.is_complete([s])
+                t.fill_bitmask([s], guard[:1, :16])
+                t.step([s], [int(rng.integers(500))])
+            except (kcore.FileFormatError, kcore.InvalidInputError):
+                pass
+        assert not guard[1:].any() and not guard[:, 16:].any()
+
+
+def test_forged_states_never_crash(trie_file):
+    path, _ = trie_file
+    t = FactTrie.load(path)
+    rng = np.random.default_rng(6)
+    states = (rng.integers(0, t.num_facts, 500) << 32) | rng.integers(0, t.nbytes - 264, 500)
+    mask = np.zeros((1, 16), dtype=np.int32)
+    for s in states.tolist():
+        for call in (lambda: t.step([s], [3]), lambda: t.fact_range([s]), lambda: t.fill_bitmask([s], mask)):
+            try:
+                call()
+            except (kcore.FileFormatError, kcore.InvalidInputError):
+                pass

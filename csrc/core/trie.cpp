@@ -285,11 +285,14 @@ void Trie::fill_row(int64_t s, uint32_t* row, int64_t words, const int64_t* writ
   check_state(s);
   if (s == kDead) return;
   const Node n = decode(state_offset(s));
+  const uint32_t vocab = h_.vocab_size;
+  // A token id read from a corrupted file must not write outside the row.
+  auto set = [&](uint32_t t) {
+    if (t >= vocab) corrupt("token id " + std::to_string(t) + " >= vocab_size in a node record");
+    row[t >> 5] |= 1u << (t & 31);
+  };
   if (num_written == 0) {
-    for (uint32_t i = 0; i < n.degree; ++i) {
-      const uint32_t t = token(n, i);
-      row[t >> 5] |= 1u << (t & 31);
-    }
+    for (uint32_t i = 0; i < n.degree; ++i) set(token(n, i));
     return;
   }
   const int64_t base = static_cast<int64_t>(state_rank(s));
@@ -298,19 +301,16 @@ void Trie::fill_row(int64_t s, uint32_t* row, int64_t words, const int64_t* writ
     for (uint32_t i = 0; i < n.degree; ++i) {
       const uint64_t r = load_uint(n.ranks + uint64_t{i} * rb_, rb_);
       const uint64_t r_next = i + 1 < n.degree ? load_uint(n.ranks + uint64_t{i + 1} * rb_, rb_) : n.count;
-      if (range_written(written, end, base + static_cast<int64_t>(r), static_cast<int64_t>(r_next - r))) continue;
-      const uint32_t t = token(n, i);
-      row[t >> 5] |= 1u << (t & 31);
+      if (!range_written(written, end, base + static_cast<int64_t>(r), static_cast<int64_t>(r_next - r))) {
+        set(token(n, i));
+      }
     }
     return;
   }
   uint64_t r = n.final ? 1 : 0;
   for (uint32_t i = 0; i < n.degree; ++i) {
     const uint64_t c = count_of(target(n, i));
-    if (!range_written(written, end, base + static_cast<int64_t>(r), static_cast<int64_t>(c))) {
-      const uint32_t t = token(n, i);
-      row[t >> 5] |= 1u << (t & 31);
-    }
+    if (!range_written(written, end, base + static_cast<int64_t>(r), static_cast<int64_t>(c))) set(token(n, i));
     r += c;
   }
 }
