@@ -320,7 +320,9 @@ class FactTrie:
             for tokens, offsets in chunks:
                 builder.add(tokens, offsets)
                 bar.update(offsets.size - 1)
-        stats = builder.finish(path, tokenizer_fingerprint)
+            bar.set_postfix_str("sorting and building the DAG", refresh=True)
+            stats = builder.finish(path, tokenizer_fingerprint)
+            bar.set_postfix_str(f"{stats['num_facts']} distinct facts, {stats['file_bytes']} bytes", refresh=True)
         return cls(native().Trie(path, False), build_stats=stats)
 
     @classmethod

@@ -20,12 +20,13 @@
 //   LEAF  (degree 0, always final, count 1): [head]
 //   CHAIN (one child, stored right after this record; path compression of single-child runs):
 //         [head][token]
-//   SMALL (2..16 children, or 1 child stored elsewhere): head bits 4-1 = degree-1, bit 0 = one
-//         child is the next record: [head][count varint][next-child index u8 if bit 0]
-//         [tokens: degree x token_bytes, ascending][targets: (degree - bit 0) x target_bytes]
+//   SMALL (2..16 children, or 1 child stored elsewhere): head bits 4-1 = degree-1, bit 0 = the
+//         first child is the next record (its target is not stored): [head][count varint]
+//         [tokens: degree x token_bytes][targets: (degree - bit 0) x target_bytes]; children in
+//         ascending token order, except that with bit 0 the next-record child comes first.
 //   LARGE (any degree, binary-searched): [head][degree varint][count varint]
 //         [tokens: degree x token_bytes, ascending][targets: degree x target_bytes]
-//         [rank offsets: degree x rank_bytes]
+//         [rank offsets: degree x rank_bytes (3 if num_facts < 2^24, else 4)]
 // count = facts whose token sequence passes through the node (the leaf count). Facts are
 // numbered in lexicographic order of their token sequences (a prefix first), so the facts
 // through a node form one id range; the rank offset of child i is final + the counts of

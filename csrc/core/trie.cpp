@@ -78,7 +78,7 @@ Trie::Trie(const std::string& path, bool verify) : path_(path) {
     const bool ok = h_.header_size == kHeaderSize && h_.data_offset == kHeaderSize &&
                     h_.data_offset + h_.data_size == size_ && h_.data_size > kDataPad &&
                     (h_.token_bytes == 2 || h_.token_bytes == 3) && (h_.target_bytes == 3 || h_.target_bytes == 4) &&
-                    h_.rank_bytes == 4 && h_.root_offset < h_.data_size - kDataPad && h_.vocab_size >= 1 &&
+                    (h_.rank_bytes == 3 || h_.rank_bytes == 4) && h_.root_offset < h_.data_size - kDataPad && h_.vocab_size >= 1 &&
                     h_.fingerprint_len <= kMaxFingerprint && h_.num_facts >= 1 && h_.num_facts < (uint64_t{1} << 31) &&
                     h_.data_size - kDataPad <= (uint64_t{1} << (8 * h_.target_bytes));
     if (!ok) corrupt("inconsistent header fields (section table)");
@@ -137,11 +137,7 @@ Trie::Node Trie::decode(uint64_t off) const {
       n.degree = ((head >> 1) & 15u) + 1;
       const bool flag = head & 1;
       n.count = varint();
-      if (flag) {
-        if (p >= data_end_) corrupt("record out of range");
-        n.next_child = data_[p++];
-        if (n.next_child >= static_cast<int32_t>(n.degree)) corrupt("bad record at offset " + std::to_string(off));
-      }
+      if (flag) n.next_child = 0;
       n.tokens = data_ + p;
       p += uint64_t{n.degree} * tb_;
       n.targets = data_ + p;
@@ -168,7 +164,7 @@ Trie::Node Trie::decode(uint64_t off) const {
 
 uint64_t Trie::target(const Node& n, uint32_t i) const {
   if (static_cast<int32_t>(i) == n.next_child) return n.end;
-  const uint32_t slot = (n.next_child >= 0 && static_cast<int32_t>(i) > n.next_child) ? i - 1 : i;
+  const uint32_t slot = n.next_child == 0 ? i - 1 : i;
   const uint64_t t = load_uint(n.targets + uint64_t{slot} * ab_, ab_);
   if (t >= data_end_) corrupt("edge target " + std::to_string(t) + " out of range");
   return t;
@@ -197,18 +193,21 @@ int64_t Trie::find(const Node& n, uint32_t tok) const {
     }
     return lo < n.degree && token(n, lo) == tok ? static_cast<int64_t>(lo) : int64_t{-1};
   }
+  // SMALL and CHAIN: at most 16 children, not all in token order (see ktrie_format.h).
   for (uint32_t i = 0; i < n.degree; ++i) {
-    const uint32_t t = token(n, i);
-    if (t == tok) return i;
-    if (t > tok) break;
+    if (token(n, i) == tok) return i;
   }
   return -1;
 }
 
 uint64_t Trie::child_rank(const Node& n, uint32_t i) const {
   if (n.kind == kLarge) return load_uint(n.ranks + uint64_t{i} * rb_, rb_);
+  // The facts of the children with smaller tokens come first.
+  const uint32_t t = token(n, i);
   uint64_t r = n.final ? 1 : 0;
-  for (uint32_t k = 0; k < i; ++k) r += count_of(target(n, k));
+  for (uint32_t k = 0; k < n.degree; ++k) {
+    if (token(n, k) < t) r += count_of(target(n, k));
+  }
   return r;
 }
 
@@ -250,6 +249,7 @@ void Trie::next_tokens(int64_t s, std::vector<int32_t>* out) const {
   const Node n = decode(state_offset(s));
   out->resize(n.degree);
   for (uint32_t i = 0; i < n.degree; ++i) (*out)[i] = static_cast<int32_t>(token(n, i));
+  if (n.next_child == 0 && n.kind == kSmall) std::sort(out->begin(), out->end());
 }
 
 void Trie::step(const int64_t* states, const int64_t* tokens, int64_t n, int64_t* out) const {
@@ -307,11 +307,17 @@ void Trie::fill_row(int64_t s, uint32_t* row, int64_t words, const int64_t* writ
     }
     return;
   }
-  uint64_t r = n.final ? 1 : 0;
+  // SMALL / CHAIN: child i's facts start after those of the children with smaller tokens.
+  uint32_t tokens[kSmallMaxDegree];
+  uint64_t counts[kSmallMaxDegree];
   for (uint32_t i = 0; i < n.degree; ++i) {
-    const uint64_t c = count_of(target(n, i));
-    if (!range_written(written, end, base + static_cast<int64_t>(r), static_cast<int64_t>(c))) set(token(n, i));
-    r += c;
+    tokens[i] = token(n, i);
+    counts[i] = count_of(target(n, i));
+  }
+  for (uint32_t i = 0; i < n.degree; ++i) {
+    uint64_t r = n.final ? 1 : 0;
+    for (uint32_t k = 0; k < n.degree; ++k) r += tokens[k] < tokens[i] ? counts[k] : 0;
+    if (!range_written(written, end, base + static_cast<int64_t>(r), static_cast<int64_t>(counts[i]))) set(tokens[i]);
   }
 }
 

@@ -266,7 +266,7 @@ class DawgBuilder {
 // an unplaced child right after its parent where possible so that single-child runs need no
 // target offsets.
 std::vector<uint8_t> layout(const DawgBuilder& g, uint32_t root, unsigned token_bytes, unsigned& target_bytes,
-                            uint64_t& root_offset) {
+                            unsigned& rank_bytes, uint64_t& root_offset) {
   using namespace ktrie;
   const uint64_t n = g.num_nodes();
   constexpr uint32_t kNone = 0xffffffffu;
@@ -307,7 +307,7 @@ std::vector<uint8_t> layout(const DawgBuilder& g, uint32_t root, unsigned token_
       kind[v] = kLarge;
     }
   }
-  constexpr unsigned rank_bytes = 4;
+  rank_bytes = g.count(root) < (uint64_t{1} << 24) ? 3 : 4;
   std::vector<uint64_t> offset(n);
   uint64_t total = 0;
   for (target_bytes = 3; target_bytes <= 4; ++target_bytes) {
@@ -321,7 +321,7 @@ std::vector<uint8_t> layout(const DawgBuilder& g, uint32_t root, unsigned token_
         case kChain: total += 1 + token_bytes; break;
         case kSmall: {
           const uint64_t flag = next_child[v] >= 0 ? 1 : 0;
-          total += 1 + varint_size(g.count(v)) + flag + d * token_bytes + (d - flag) * target_bytes;
+          total += 1 + varint_size(g.count(v)) + d * token_bytes + (d - flag) * target_bytes;
           break;
         }
         default: total += 1 + varint_size(d) + varint_size(g.count(v)) + d * (token_bytes + target_bytes + rank_bytes);
@@ -345,15 +345,19 @@ std::vector<uint8_t> layout(const DawgBuilder& g, uint32_t root, unsigned token_
         store_uint(p, g.edge_token(v, 0), token_bytes);
         break;
       case kSmall: {
+        // Children in token order, except that the child stored next (if any) comes first.
         const int32_t nc = next_child[v];
+        uint32_t edges[kSmallMaxDegree];
+        uint32_t m = 0;
+        if (nc >= 0) edges[m++] = static_cast<uint32_t>(nc);
+        for (uint32_t k = 0; k < d; ++k) {
+          if (static_cast<int32_t>(k) != nc) edges[m++] = k;
+        }
         *p++ = make_head(g.final(v), kSmall, static_cast<uint8_t>(((d - 1) << 1) | (nc >= 0 ? 1 : 0)));
         p = store_varint(p, g.count(v));
-        if (nc >= 0) *p++ = static_cast<uint8_t>(nc);
-        for (uint32_t k = 0; k < d; ++k, p += token_bytes) store_uint(p, g.edge_token(v, k), token_bytes);
-        for (uint32_t k = 0; k < d; ++k) {
-          if (static_cast<int32_t>(k) == nc) continue;
-          store_uint(p, offset[g.edge_target(v, k)], target_bytes);
-          p += target_bytes;
+        for (uint32_t k = 0; k < d; ++k, p += token_bytes) store_uint(p, g.edge_token(v, edges[k]), token_bytes);
+        for (uint32_t k = nc >= 0 ? 1 : 0; k < d; ++k, p += target_bytes) {
+          store_uint(p, offset[g.edge_target(v, edges[k])], target_bytes);
         }
         break;
       }
@@ -522,7 +526,8 @@ TrieBuildStats TrieBuilder::finish(const std::string& path, const std::string& t
   const unsigned token_bytes = vocab_size_ <= (1u << 16) ? 2 : 3;
   unsigned target_bytes = 0;
   uint64_t root_offset = 0;
-  std::vector<uint8_t> data = layout(g, root, token_bytes, target_bytes, root_offset);
+  unsigned rank_bytes = 0;
+  std::vector<uint8_t> data = layout(g, root, token_bytes, target_bytes, rank_bytes, root_offset);
 
   ktrie::Header h;
   std::memset(&h, 0, sizeof h);
@@ -533,7 +538,7 @@ TrieBuildStats TrieBuilder::finish(const std::string& path, const std::string& t
   h.vocab_size = vocab_size_;
   h.token_bytes = static_cast<uint8_t>(token_bytes);
   h.target_bytes = static_cast<uint8_t>(target_bytes);
-  h.rank_bytes = 4;
+  h.rank_bytes = static_cast<uint8_t>(rank_bytes);
   h.num_facts = g.num_facts();
   h.num_nodes = g.num_nodes();
   h.num_edges = g.num_edges();
