@@ -185,7 +185,18 @@ def test_root_with_many_children(tmp_path):
     vocab = 49152
     facts = [[t, (7 * t) % vocab, 5] for t in range(0, vocab, 3)] + [[t] for t in range(1, 5000, 7)]
     trie = build(facts, vocab, tmp_path)
-    check_against_oracle(trie, Oracle(facts), vocab, np.random.default_rng(0))
+    oracle = Oracle(facts)
+    check_against_oracle(trie, oracle, vocab, np.random.default_rng(0))
+    # Duplicate avoidance at a node with binary-searched children (the root): every fact of the
+    # first 300 root tokens written, plus one fact of each of the next 300.
+    root_tokens = oracle.next_tokens(())
+    written = [i for t in root_tokens[:300] for i in oracle.fact_ids((t,))]
+    written += [oracle.fact_ids((t,))[0] for t in root_tokens[300:600]]
+    written = sorted(written)
+    mask = np.zeros((1, vocab // 32), dtype=np.int32)
+    trie.fill_bitmask([trie.root_state], mask, written_offsets=[0, len(written)], written_ids=written)
+    expected = [t for t in root_tokens if not set(oracle.fact_ids((t,))) <= set(written)]
+    assert bitmask_tokens(mask[0]) == expected and len(expected) < len(root_tokens) - 250
 
 
 def test_single_fact(tmp_path):
