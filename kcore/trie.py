@@ -166,7 +166,7 @@ class FactTrie:
             tokenizer_fingerprint: recorded in the header (see :func:`kcore.tokenizer.tokenizer_fingerprint`);
                 :meth:`load` with a tokenizer compares it.
             memory_budget_bytes: size of the in-memory sequence buffer (about 4 bytes per token plus
-                16 per fact). Beyond it, sorted runs are spilled to ``tmp_dir`` and merged (external
+                32 per fact, sorting included). Beyond it, sorted runs are spilled to ``tmp_dir`` and merged (external
                 sort), so the input may be larger than memory; the automaton itself must fit.
             progress: show a tqdm progress bar over the facts read.
             tmp_dir: folder of the spilled runs (default: the folder of ``path``).

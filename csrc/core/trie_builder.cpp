@@ -447,8 +447,8 @@ void TrieBuilder::add_impl(const T* tokens, int64_t num_tokens, const int64_t* o
     for (int64_t k = offsets[i]; k < offsets[i + 1]; ++k) tokens_.push_back(static_cast<uint32_t>(tokens[k]));
     offsets_.push_back(tokens_.size());
     ++num_input_;
-    // Buffer bytes: tokens, offsets and the sort permutation.
-    if (tokens_.size() * 4 + offsets_.size() * 16 >= budget_) spill();
+    // Buffer bytes: tokens, offsets, and the keyed sort entries and order made when sorting.
+    if (tokens_.size() * 4 + offsets_.size() * 32 >= budget_) spill();
   }
 }
 
