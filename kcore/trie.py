@@ -416,6 +416,10 @@ class FactTrie:
     def __len__(self) -> int:
         return self.num_facts
 
+    def __reduce__(self):
+        # Pickles as its path (for worker processes): the unpickled trie maps the same file.
+        return (_load_path, (self.path,))
+
     def __repr__(self) -> str:
         return (
             f"FactTrie(path={self.path!r}, num_facts={self.num_facts}, num_nodes={self.num_nodes}, "
@@ -551,3 +555,7 @@ class FactTrie:
                 f"bitmask must have at least ceil(vocab_size / 32) = {self._words} columns, got {words}"
             )
         return ptr, int(rows), int(words)
+
+
+def _load_path(path: str) -> FactTrie:
+    return FactTrie.load(path)

@@ -103,6 +103,14 @@ def test_wrong_version(trie_file, tmp_path):
         FactTrie.load(bad)
 
 
+def test_pickles_as_its_path(trie_file):
+    import pickle
+
+    path, facts = trie_file
+    t = pickle.loads(pickle.dumps(FactTrie.load(path)))
+    assert t.path == str(path) and t.contains(facts[0])
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(OSError):
         FactTrie.load(tmp_path / "nope.ktrie")
