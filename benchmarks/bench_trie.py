@@ -186,8 +186,8 @@ def synthetic_facts(n_facts: int, vocab: int = 49152, seed: int = 0):
 def dict_trie(tokens, offsets, limit=None):
     n = offsets.size - 1 if limit is None else min(limit, offsets.size - 1)
     root: dict = {}
-    toks = tokens.tolist()
-    offs = offsets.tolist()
+    toks = tokens[: offsets[n]].tolist()
+    offs = offsets[: n + 1].tolist()
     for i in range(n):
         d = root
         for t in toks[offs[i] : offs[i + 1]]:
@@ -294,6 +294,9 @@ def run(name, tokens, offsets, vocab, folder, *, dict_limit, marisa_limit, n_pre
     mtrie.save(str(mpath))
     res["marisa_bytes"] = mpath.stat().st_size
     res["marisa_distinct"] = len(mtrie)
+    lim = min(nd, nm)  # latencies are measured on the facts every trie holds
+    if lim < nm:
+        mtrie = marisa_trie.Trie(keys[:lim])
     del keys
 
     # -- load
@@ -303,13 +306,14 @@ def run(name, tokens, offsets, vocab, folder, *, dict_limit, marisa_limit, n_pre
     res["marisa_load_s"] = timeit(lambda: marisa_trie.Trie().load(str(mpath)), repeat=3)
 
     # -- answers agree (the dict and marisa tries hold the first nd / nm facts)
-    lim = min(nd, nm)
     sub = FactTrie.build_from_arrays(tokens[: offsets[lim]], offsets[: lim + 1], Path(folder) / "sub.ktrie", vocab_size=vocab, progress=False) if lim < n else trie
     prefixes = sample_prefixes(tokens, offsets[: lim + 1], n_prefixes, rng)
     mkeys = [to_key(p) for p in prefixes]
-    for p, k in zip(prefixes[:2000], mkeys[:2000]):
+    for i, p in enumerate(prefixes[:2000]):
         a = sub.next_tokens(p).tolist()
-        assert a == sorted(dict_next(droot, p)) == marisa_next(mtrie, k), p
+        assert a == sorted(dict_next(droot, p)), p
+        if i < 300:  # marisa enumerates every key under the prefix: slow at the root of a big trie
+            assert a == marisa_next(mtrie, mkeys[i]), p
     assert res["marisa_distinct"] == sub.num_facts or lim < n
 
     # -- next_tokens latency (per prefix)
@@ -317,11 +321,13 @@ def run(name, tokens, offsets, vocab, folder, *, dict_limit, marisa_limit, n_pre
     res["kcore_next_us"] = timeit(lambda: [sub.next_tokens(p) for p in parr], repeat=5) / len(prefixes) * 1e6
     res["kcore_next_list_us"] = timeit(lambda: [sub.next_tokens(p) for p in prefixes], repeat=5) / len(prefixes) * 1e6
     res["dict_next_us"] = timeit(lambda: [dict_next(droot, p) for p in prefixes], repeat=5) / len(prefixes) * 1e6
-    few = max(1, len(prefixes) // 20)  # marisa enumerates every key under a prefix: slow, time fewer
-    res["marisa_next_us"] = timeit(lambda: [marisa_next(mtrie, k) for k in mkeys[:few]], repeat=3) / few * 1e6
-    below = [i for i, p in enumerate(prefixes) if p]
+    # marisa enumerates every key under a prefix (all of them at the root): time fewer prefixes.
+    few = min(len(prefixes), 1000 if lim <= 200_000 else 200)
+    reps = 3 if lim <= 200_000 else 1
+    res["marisa_next_us"] = timeit(lambda: [marisa_next(mtrie, k) for k in mkeys[:few]], repeat=reps) / few * 1e6
+    below = [i for i, p in enumerate(prefixes) if p][:few]
     res["marisa_next_below_root_us"] = (
-        timeit(lambda: [marisa_next(mtrie, mkeys[i]) for i in below[:few]], repeat=3) / min(few, len(below)) * 1e6
+        timeit(lambda: [marisa_next(mtrie, mkeys[i]) for i in below], repeat=reps) / len(below) * 1e6
     )
 
     # -- step + fill_bitmask per row, below the root, vocab-wide bitmask
@@ -379,7 +385,7 @@ def run(name, tokens, offsets, vocab, folder, *, dict_limit, marisa_limit, n_pre
             mask[0] = 0
             set_bits(mask[0], marisa_next(mtrie, mrows[i]))
 
-    res["marisa_step_mask_us"] = timeit(marisa_rows, repeat=3) / min(len(mrows), 256) * 1e6
+    res["marisa_step_mask_us"] = timeit(marisa_rows, repeat=reps) / min(len(mrows), 256) * 1e6
     del droot, mtrie
     gc.collect()
     return res
@@ -420,8 +426,9 @@ def fmt_table(r) -> str:
         lines.append("")
         lines.append(
             f"The dict trie holds the first {r['dict_facts']:,} facts and the marisa-trie the first "
-            f"{r['marisa_facts']:,} (memory of this machine); their per-fact figures and the latencies are "
-            f"measured on those, kcore's latencies on a trie of the same subset."
+            f"{r['marisa_facts']:,} (memory of this machine); their per-fact figures are measured on those. "
+            f"All latencies are measured on tries of the first {min(r['dict_facts'], r['marisa_facts']):,} facts "
+            f"(kcore's too), so the three answer the same queries."
         )
     return "\n".join(lines)
 
