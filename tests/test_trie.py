@@ -392,3 +392,18 @@ def test_eight_threads_read_one_trie(tmp_path):
         assert np.array_equal(r[0], expected[0])
         assert all(np.array_equal(a, b) for a, b in zip(r[1], expected[1]))
         assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(r[2], expected[2]))
+
+
+def test_shared_smallest_child(tmp_path):
+    # The node after [2] has children 3 (shared with the path [1], already stored) and 4 (new,
+    # stored right after it): the record lists 4 first, ranks must still follow token order.
+    facts = [[1, 7, 7], [2, 3, 7], [2, 4, 8, 8], [2, 4, 8, 9], [2]]
+    trie = build(facts, 10, tmp_path)
+    assert trie.num_nodes < trie.num_trie_nodes
+    check_against_oracle(trie, Oracle(facts), 10, np.random.default_rng(0))
+    s = trie.state_of([2])
+    first, count = trie.fact_range(trie.step([s, s], [3, 4]))
+    assert first.tolist() == [2, 3] and count.tolist() == [1, 2]
+    mask = np.zeros((1, 1), dtype=np.int32)
+    trie.fill_bitmask([s], mask, written_offsets=[0, 2], written_ids=[3, 4])
+    assert bitmask_tokens(mask[0]) == [3]
