@@ -469,6 +469,8 @@ class FactTrie:
         t = _as_states(tokens, "tokens")
         if s.shape != t.shape:
             raise InvalidInputError(f"states and tokens must have the same shape, got {s.shape} and {t.shape}")
+        if s.ndim == 1:
+            return self._t.step(s, t)
         return self._t.step(s.reshape(-1), t.reshape(-1)).reshape(s.shape)
 
     def is_complete(self, states) -> np.ndarray:
@@ -513,7 +515,9 @@ class FactTrie:
             InvalidInputError: wrong dtype, shape, device or layout of an argument, unsorted
                 written ids, or a state that is not one of this trie's.
         """
-        s = _as_states(states, "states").reshape(-1)
+        s = _as_states(states, "states")
+        if s.ndim != 1:
+            s = s.reshape(-1)
         ptr, rows, words = self._bitmask_pointer(bitmask)
         if (written_offsets is None) != (written_ids is None):
             raise InvalidInputError("written_offsets and written_ids must be given together")
@@ -524,6 +528,16 @@ class FactTrie:
         self._t.fill_bitmask(s, ptr, rows, words, wo, wi)
 
     def _bitmask_pointer(self, bitmask):
+        if type(bitmask) is np.ndarray and bitmask.dtype == np.int32 and bitmask.ndim == 2:
+            # Fast path; layout and writeability are checked in C++.
+            rows, words = bitmask.shape
+            if words < self._words:
+                raise InvalidInputError(
+                    f"bitmask must have at least ceil(vocab_size / 32) = {self._words} columns, got {words}"
+                )
+            if not bitmask.flags.writeable:
+                raise InvalidInputError("bitmask must be writeable")
+            return bitmask, rows, words
         if type(bitmask).__module__.startswith("torch"):
             import torch
 
