@@ -341,6 +341,17 @@ def test_external_memory_build_is_identical(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ext.ktrie", "mem.ktrie"]  # runs removed
 
 
+def test_tiny_budget_folds_runs(tmp_path):
+    # A budget of one byte spills every fact: more runs than may be open at once get folded.
+    rng = np.random.default_rng(8)
+    facts = [rng.integers(0, 30, size=rng.integers(1, 5)).tolist() for _ in range(300)]
+    mem = build(facts, 30, tmp_path, "mem.ktrie")
+    ext = build(facts, 30, tmp_path, "ext.ktrie", memory_budget_bytes=1)
+    assert ext.build_stats["num_runs"] == 300
+    assert Path(mem.path).read_bytes() == Path(ext.path).read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ext.ktrie", "mem.ktrie"]
+
+
 def test_dag_shares_fact_endings(tmp_path):
     # 200 subjects x the same 3 endings: a DAG stores the endings once.
     facts = [[s, 1000 + r, 2000 + r, 3000] for s in range(200) for r in range(3)]

@@ -126,6 +126,54 @@ class RunReader {
   std::vector<uint32_t> seq_;
 };
 
+// Writes a run: [u32 length][length x u32 token] records.
+class RunWriter {
+ public:
+  explicit RunWriter(const std::string& path) : path_(path), f_(std::fopen(path.c_str(), "wb")) {
+    if (!f_) throw_io("cannot create a sorted run in tmp_dir", path);
+  }
+  void write(const uint32_t* p, size_t len) {
+    const uint32_t len32 = static_cast<uint32_t>(len);
+    ok_ = ok_ && std::fwrite(&len32, 4, 1, f_.get()) == 1 && std::fwrite(p, 4, len, f_.get()) == len;
+  }
+  void close() {
+    if (!ok_ || std::fflush(f_.get()) != 0) throw_io("cannot write sorted run", path_);
+    f_.reset();
+  }
+
+ private:
+  std::string path_;
+  FilePtr f_;
+  bool ok_ = true;
+};
+
+// k-way merge of sorted runs; calls sink on each distinct sequence in sorted order.
+void merge_runs(const std::vector<std::string>& runs, const SeqSink& sink) {
+  std::vector<std::unique_ptr<RunReader>> readers;
+  for (const auto& r : runs) readers.push_back(std::make_unique<RunReader>(r));
+  auto greater = [&readers](size_t a, size_t b) {
+    const auto &x = readers[a]->seq(), &y = readers[b]->seq();
+    return compare_seq(x.data(), x.size(), y.data(), y.size()) > 0;
+  };
+  std::priority_queue<size_t, std::vector<size_t>, decltype(greater)> heap(greater);
+  for (size_t i = 0; i < readers.size(); ++i) {
+    if (readers[i]->next()) heap.push(i);
+  }
+  std::vector<uint32_t> last;
+  bool have_last = false;
+  while (!heap.empty()) {
+    const size_t i = heap.top();
+    heap.pop();
+    const auto& s = readers[i]->seq();
+    if (!have_last || compare_seq(last.data(), last.size(), s.data(), s.size()) != 0) {
+      sink(s.data(), s.size());
+      last = s;
+      have_last = true;
+    }
+    if (readers[i]->next()) heap.push(i);
+  }
+}
+
 // Minimal acyclic automaton for sorted input (Daciuk et al. 2000). Nodes are frozen bottom-up
 // as soon as no later sequence can extend them, and replaced by an equal frozen node (same
 // final flag, same labelled edges to the same nodes) when one exists. Frozen nodes are packed
@@ -459,21 +507,35 @@ void TrieBuilder::add(const int32_t* tokens, int64_t num_tokens, const int64_t* 
   add_impl(tokens, num_tokens, offsets, n);
 }
 
+std::string TrieBuilder::new_run_path() {
+  return (tmp_dir_.empty() ? std::string(".") : tmp_dir_) + "/ktrie-run." + std::to_string(::getpid()) + "." +
+         std::to_string(g_tmp_counter.fetch_add(1));
+}
+
 void TrieBuilder::spill() {
   if (offsets_.size() < 2) return;
-  const std::string path = (tmp_dir_.empty() ? std::string(".") : tmp_dir_) + "/ktrie-run." +
-                           std::to_string(::getpid()) + "." + std::to_string(g_tmp_counter.fetch_add(1));
-  FilePtr f(std::fopen(path.c_str(), "wb"));
-  if (!f) throw_io("cannot create a sorted run in tmp_dir", path);
-  runs_.push_back(path);
-  bool ok = true;
-  emit_sorted_unique(tokens_, offsets_, vocab_size_, [&](const uint32_t* p, size_t len) {
-    const uint32_t len32 = static_cast<uint32_t>(len);
-    ok = ok && std::fwrite(&len32, 4, 1, f.get()) == 1 && std::fwrite(p, 4, len, f.get()) == len;
-  });
-  if (!ok || std::fflush(f.get()) != 0) throw_io("cannot write sorted run", path);
+  const std::string path = new_run_path();
+  runs_.push_back(path);  // registered first, so it is removed on any error
+  RunWriter w(path);
+  emit_sorted_unique(tokens_, offsets_, vocab_size_, [&w](const uint32_t* p, size_t len) { w.write(p, len); });
+  w.close();
+  ++num_spilled_;
   tokens_.clear();
   offsets_.assign(1, 0);
+  // Bound the number of files open in the final merge: fold the runs into one.
+  if (runs_.size() >= kMaxRuns) {
+    const std::string merged = new_run_path();
+    try {
+      RunWriter mw(merged);
+      merge_runs(runs_, [&mw](const uint32_t* p, size_t len) { mw.write(p, len); });
+      mw.close();
+    } catch (...) {
+      std::remove(merged.c_str());
+      throw;
+    }
+    remove_runs();
+    runs_.push_back(merged);
+  }
 }
 
 TrieBuildStats TrieBuilder::finish(const std::string& path, const std::string& tokenizer_fingerprint) {
@@ -491,30 +553,8 @@ TrieBuildStats TrieBuilder::finish(const std::string& path, const std::string& t
     emit_sorted_unique(tokens_, offsets_, vocab_size_, sink);
   } else {
     spill();
-    std::vector<std::unique_ptr<RunReader>> readers;
-    for (const auto& r : runs_) readers.push_back(std::make_unique<RunReader>(r));
-    auto greater = [&readers](size_t a, size_t b) {
-      const auto &x = readers[a]->seq(), &y = readers[b]->seq();
-      return compare_seq(x.data(), x.size(), y.data(), y.size()) > 0;
-    };
-    std::priority_queue<size_t, std::vector<size_t>, decltype(greater)> heap(greater);
-    for (size_t i = 0; i < readers.size(); ++i) {
-      if (readers[i]->next()) heap.push(i);
-    }
-    std::vector<uint32_t> last;
-    bool have_last = false;
-    while (!heap.empty()) {
-      size_t i = heap.top();
-      heap.pop();
-      const auto& s = readers[i]->seq();
-      if (!have_last || compare_seq(last.data(), last.size(), s.data(), s.size()) != 0) {
-        g.add(s.data(), s.size());
-        last = s;
-        have_last = true;
-      }
-      if (readers[i]->next()) heap.push(i);
-    }
-    stats.num_runs = runs_.size();
+    merge_runs(runs_, sink);
+    stats.num_runs = num_spilled_;
     remove_runs();
   }
   tokens_ = {};

@@ -46,7 +46,10 @@ class TrieBuilder {
   template <typename T>
   void add_impl(const T* tokens, int64_t num_tokens, const int64_t* offsets, int64_t n);
   void spill();
+  std::string new_run_path();
   void remove_runs();
+
+  static constexpr size_t kMaxRuns = 64;  // runs open at once in a merge
 
   uint32_t vocab_size_;
   uint64_t budget_;
@@ -56,6 +59,7 @@ class TrieBuilder {
   std::vector<uint32_t> tokens_;   // buffered sequences, concatenated
   std::vector<uint64_t> offsets_;  // offsets_[i] = start of sequence i in tokens_; one extra
   std::vector<std::string> runs_;
+  uint64_t num_spilled_ = 0;
 };
 
 }  // namespace kcore
