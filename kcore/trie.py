@@ -19,6 +19,10 @@ data section is verified only with ``verify="full"`` (or :meth:`FactTrie.verify`
 the whole file. Reads are bound-checked, so a corrupted data section that slipped through raises
 a :class:`kcore.FileFormatError` or gives wrong answers, never a crash.
 
+Limits of format version 1: vocab_size <= 2^24, fewer than 2^31 distinct facts, a data section
+below 4 GiB (about 400M facts of the geonames shape). Building keeps the automaton in memory (about
+40 bytes per DAG edge while building); the facts themselves may exceed memory (external sort).
+
 Cursor states are ``int64`` values (opaque; ``-1`` = dead, no fact continues). They are valid only
 for the trie that produced them. All batched calls run in one C++ call with the GIL released; a
 loaded trie may be read from many threads at once.
