@@ -449,6 +449,14 @@ class FactTrie:
         """
         return self._t.next_tokens(self.state_of(prefix))
 
+    def next_tokens_from(self, state: int) -> np.ndarray:
+        """Like :meth:`next_tokens`, for a cursor state (``int``; ``-1`` gives an empty array).
+
+        Raises:
+            InvalidInputError: a state that is not one of this trie's.
+        """
+        return self._t.next_tokens(int(state))
+
     def contains(self, sequence) -> bool:
         """True iff ``sequence`` (token ids) is exactly one of the stored facts."""
         s = self.state_of(sequence)

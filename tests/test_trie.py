@@ -89,6 +89,7 @@ def check_against_oracle(trie: FactTrie, oracle: Oracle, vocab_size: int, rng: n
     for i, p in enumerate(prefixes):
         expected = oracle.next_tokens(p)
         assert trie.next_tokens(list(p)).tolist() == expected
+        assert trie.next_tokens_from(states[i]).tolist() == expected
         assert bitmask_tokens(mask[i]) == expected
         assert complete[i] == oracle.contains(p)
         ids = oracle.fact_ids(p)
