@@ -344,12 +344,19 @@ def test_knn_custom_ops_opcheck():
 # ----------------------------------------------------------------------------------------------
 
 
+TRITON_SEARCH_CASES = [
+    # (num_queries, num_keys, dim, k, key dtype, metric): the interpreter is slow, sizes are small
+    (1, 300, 64, 8, torch.float16, "l2"),  # several tiles per chunk and several chunks
+    (3, 50, 80, 100, torch.bfloat16, "ip"),  # k > num_keys: padding; dim not a tile multiple
+    (2, 40, 72, 1, torch.float32, "l2"),
+    (4, 130, 64, 16, torch.float32, "ip"),
+]
+
+
 @needs_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("metric", ["l2", "ip"])
-@pytest.mark.parametrize("case", [(1, 100, 64, 8), (3, 257, 80, 300), (2, 40, 72, 1)], ids=lambda c: "q{}-n{}-d{}-k{}".format(*c))
-def test_knn_search_triton(dtype, metric, case):
-    nq, n, d, k = case
+@pytest.mark.parametrize("case", TRITON_SEARCH_CASES, ids=lambda c: "q{}-n{}-d{}-k{}-{}-{}".format(*c))
+def test_knn_search_triton(case):
+    nq, n, d, k, dtype, metric = case
     g = torch.Generator().manual_seed(n + d)
     keys = torch.randn(n, d, generator=g).to(dtype)
     queries = torch.randn(nq, d, generator=g)
