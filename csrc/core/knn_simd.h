@@ -163,4 +163,33 @@ inline v16f exp(v16f x) {
   return underflow ? v16f{} : y;
 }
 
+// Natural log for 16 lanes, Cephes-style: x = m 2^e with m in [sqrt(1/2), sqrt(2)), a degree-8
+// polynomial for log(m); about 1 ulp. Only used on finite x > 0 (probabilities, 1 + y).
+inline v16f log(v16f x) {
+  v16i bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  v16i e = ((bits >> 23) & 0xff) - 126;
+  bits = (bits & 0x007fffff) | 0x3f000000;  // mantissa in [0.5, 1)
+  v16f m;
+  std::memcpy(&m, &bits, sizeof(m));
+  const v16i small = m < 0.707106781186547524f;
+  e = small ? e - 1 : e;
+  m = small ? m + m - 1.0f : m - 1.0f;
+  v16f y = splat(7.0376836292E-2f);
+  y = y * m - 1.1514610310E-1f;
+  y = y * m + 1.1676998740E-1f;
+  y = y * m - 1.2420140846E-1f;
+  y = y * m + 1.4249322787E-1f;
+  y = y * m - 1.6668057665E-1f;
+  y = y * m + 2.0000714765E-1f;
+  y = y * m - 2.4999993993E-1f;
+  y = y * m + 3.3333331174E-1f;
+  const v16f z = m * m;
+  const v16f fe = __builtin_convertvector(e, v16f);
+  y = y * m * z;
+  y = y + fe * -2.12194440e-4f;
+  y = y - 0.5f * z;
+  return m + y + fe * 0.693359375f;
+}
+
 }  // namespace kcore::simd
