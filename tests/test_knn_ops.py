@@ -373,3 +373,19 @@ def test_knn_interpolate_triton(logits_dtype, lmbda):
     check_interp(out, oracle_interpolate(logits.float(), dists, values, lmbda, 5.0, "l2"), atol=2e-5)
     out = knn_interpolate(logits, dists, values.int(), lmbda=lmbda, temperature=5.0, metric="ip", backend="triton")
     check_interp(out, oracle_interpolate(logits.float(), dists, values, lmbda, 5.0, "ip"), atol=2e-5)
+
+
+@needs_triton
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_knn_triton_cuda_matches_reference():
+    """On a GPU: the triton backend on CUDA tensors (auto picks it) against the fp32 oracle."""
+    g = torch.Generator().manual_seed(21)
+    for dtype in (torch.float16, torch.bfloat16):
+        keys = torch.randn(3000, 576, generator=g).to(dtype)
+        queries = torch.randn(5, 576, generator=g)
+        for metric, k in (("l2", 40), ("ip", 1024)):
+            dists, ids = knn_search(queries.cuda(), keys.cuda(), k, metric=metric)
+            check_knn(queries, keys.float(), k, metric, dists.cpu(), ids.cpu())
+    logits, dists, values = _interp_inputs(4, 49152, 1024, torch.bfloat16, torch.int64, seed=3)
+    out = knn_interpolate(logits.cuda(), dists.cuda(), values.cuda(), lmbda=0.25, temperature=7.0)
+    check_interp(out.cpu(), oracle_interpolate(logits.float(), dists, values, 0.25, 7.0, "l2"), atol=2e-5)
