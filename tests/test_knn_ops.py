@@ -114,15 +114,21 @@ def test_knn_search_cpu_query_dtypes_and_views(qdtype):
         check_knn(queries.float(), keys.float(), 20, metric, dists, ids)
 
 
-def test_knn_search_ties_and_duplicates():
-    keys = torch.zeros(50, 64)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("num_queries", [2, 8])  # 8: the bf16 bound-and-rescore path of the cpu backend
+def test_knn_search_ties_and_duplicates(dtype, num_queries):
+    keys = torch.zeros(5000, 64)
     keys[10:20] = 1.0  # ten identical keys
-    queries = torch.ones(2, 64)
+    keys[2000:4500] = 0.5  # many identical keys: the candidate buffers must grow
+    keys = keys.to(dtype)
+    queries = torch.ones(num_queries, 64)
     for backend in ("torch", "cpu"):
         dists, ids = knn_search(queries, keys, 12, backend=backend)
-        check_knn(queries, keys, 12, "l2", dists, ids)
+        check_knn(queries, keys.float(), 12, "l2", dists, ids)
         assert set(ids[0, :10].tolist()) == set(range(10, 20))
         assert torch.equal(dists[0, :10], torch.zeros(10))
+        dists, ids = knn_search(queries * 0.5, keys, 3000, backend=backend)
+        check_knn(queries * 0.5, keys.float(), 3000, "l2", dists, ids)
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])

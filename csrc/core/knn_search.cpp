@@ -44,6 +44,13 @@ struct TopK {
     count = k;
     thresh = buf[static_cast<size_t>(k - 1)].cost;
   }
+
+  void push(float cost, int64_t id, int64_t k) {
+    if (cost < thresh) {
+      buf[static_cast<size_t>(count++)] = Cand{cost, id};
+      if (count == static_cast<int64_t>(buf.size())) shrink(k);
+    }
+  }
 };
 
 // Widen rows [0, rows) of a key block to fp32 into `dst` (rows x dp, zero-padded to dp columns)
@@ -211,16 +218,194 @@ void search_range(const float* qbuf, int64_t nq, int64_t dim, int64_t dp, const 
     for (int64_t q = 0; q < nq; ++q) {
       TopK& t = tops[static_cast<size_t>(q)];
       const float* d = dots.data() + q * kKeyBlock;
-      for (int64_t j = 0; j < rows; ++j) {
-        const float cost = l2 ? norms[j] - 2.f * d[j] : -d[j];
-        if (cost < t.thresh) {
-          t.buf[static_cast<size_t>(t.count++)] = Cand{cost, first + j};
-          if (t.count == static_cast<int64_t>(t.buf.size())) t.shrink(k);
-        }
-      }
+      for (int64_t j = 0; j < rows; ++j) t.push(l2 ? norms[j] - 2.f * d[j] : -d[j], first + j, k);
     }
   }
 }
+
+#if defined(__AVX512BF16__)
+// ---- bf16 keys, several queries: the compute-bound case -----------------------------------
+// vdpbf16ps multiplies bf16 pairs at twice the rate of fp32 FMAs, but needs bf16 queries. So the
+// queries are rounded to bf16 for a first pass, which gives each score with a rigorous error
+// bound; keys whose bound interval can still reach the top k are kept as candidates and re-scored
+// exactly in fp32 at the end. The result is the same as the fp32 path (exact search).
+//   |<q, x> - <q_bf16, x>| <= ||q - q_bf16|| ||x||   (Cauchy-Schwarz; x is exactly bf16)
+// plus the fp32 accumulation error of the dot product, <= gamma ||q_bf16|| ||x||.
+
+constexpr int64_t kBf16MinQueries = 4;
+
+inline uint16_t float_to_bf16_rne(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, sizeof(b));
+  b += 0x7fffu + ((b >> 16) & 1u);  // round to nearest even (finite inputs)
+  return static_cast<uint16_t>(b >> 16);
+}
+
+// out[qi * out_stride + kj] = <q_bf16_qi, x_kj> with vdpbf16ps (fp32 accumulation), dim % 32 == 0.
+template <int QT, int KT>
+inline void dot_tile_bf16(const uint16_t* q, int64_t dim, const uint16_t* x, int64_t stride, float* out,
+                          int64_t out_stride) {
+  __m512 acc[QT][KT];
+  for (int qi = 0; qi < QT; ++qi)
+    for (int kj = 0; kj < KT; ++kj) acc[qi][kj] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < dim; i += 32) {
+    __m512bh xv[KT];
+#pragma GCC unroll 4
+    for (int kj = 0; kj < KT; ++kj) xv[kj] = (__m512bh)_mm512_loadu_si512(x + kj * stride + i);
+#pragma GCC unroll 4
+    for (int qi = 0; qi < QT; ++qi) {
+      const __m512bh qv = (__m512bh)_mm512_loadu_si512(q + qi * dim + i);
+#pragma GCC unroll 4
+      for (int kj = 0; kj < KT; ++kj) acc[qi][kj] = _mm512_dpbf16_ps(acc[qi][kj], qv, xv[kj]);
+    }
+  }
+  v16f flat[16] = {};
+  for (int qi = 0; qi < QT; ++qi)
+    for (int kj = 0; kj < KT; ++kj) flat[qi * KT + kj] = (v16f)acc[qi][kj];
+  const v16f sums = simd::hsum16(flat);
+  for (int qi = 0; qi < QT; ++qi)
+    for (int kj = 0; kj < KT; ++kj) out[qi * out_stride + kj] = sums[qi * KT + kj];
+}
+
+// Candidates of one query in the bound pass: (lower bound of the cost, upper bound, id).
+struct BoundCand {
+  float lower, upper;
+  int64_t id;
+};
+
+struct BoundTopK {
+  std::vector<BoundCand> buf;
+  std::vector<float> scratch;
+  int64_t count = 0;
+  float thresh = std::numeric_limits<float>::infinity();  // k-th smallest upper bound seen
+
+  // Tighten the threshold to the k-th smallest upper bound and drop candidates that cannot make
+  // it; grow the buffer when most survive (many near-equal keys) so that pushes stay amortised.
+  void prune(int64_t k) {
+    if (count >= k) {
+      scratch.resize(static_cast<size_t>(count));
+      for (int64_t i = 0; i < count; ++i) scratch[static_cast<size_t>(i)] = buf[static_cast<size_t>(i)].upper;
+      std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end());
+      thresh = std::min(thresh, scratch[static_cast<size_t>(k - 1)]);
+    }
+    int64_t kept = 0;
+    for (int64_t i = 0; i < count; ++i)
+      if (buf[static_cast<size_t>(i)].lower <= thresh) buf[static_cast<size_t>(kept++)] = buf[static_cast<size_t>(i)];
+    count = kept;
+    if (2 * count > static_cast<int64_t>(buf.size())) buf.resize(buf.size() * 2);
+  }
+
+  void push(float lower, float upper, int64_t id, int64_t k) {
+    if (lower <= thresh) {
+      buf[static_cast<size_t>(count++)] = BoundCand{lower, upper, id};
+      if (count == static_cast<int64_t>(buf.size())) prune(k);
+    }
+  }
+};
+
+void search_range_bf16(const float* qbuf, int64_t nq, int64_t dim, const uint16_t* keys, int64_t stride,
+                       int64_t begin, int64_t end, int64_t k, KnnMetric metric, std::vector<TopK>& tops) {
+  const bool l2 = metric == KnnMetric::L2;
+  // bf16 queries, the norm of their rounding error and their own norm
+  std::vector<uint16_t> qb(static_cast<size_t>(nq * dim));
+  std::vector<float> q_err(static_cast<size_t>(nq)), q_bn(static_cast<size_t>(nq));
+  for (int64_t q = 0; q < nq; ++q) {
+    double e2 = 0.0, n2 = 0.0;
+    for (int64_t i = 0; i < dim; ++i) {
+      const float v = qbuf[q * dim + i];
+      const uint16_t h = float_to_bf16_rne(v);
+      qb[static_cast<size_t>(q * dim + i)] = h;
+      const double r = simd::bf16_to_float(h);
+      e2 += (v - r) * (v - r);
+      n2 += r * r;
+    }
+    // gamma = 2 d u bounds the fp32 accumulation of d products (u = 2^-24), doubled for safety;
+    // 1.0001 covers the rounding of the bound itself.
+    const double gamma = 4.0 * static_cast<double>(dim) * std::ldexp(1.0, -24);
+    q_err[static_cast<size_t>(q)] = static_cast<float>(1.0001 * (std::sqrt(e2) + gamma * std::sqrt(n2)));
+    q_bn[static_cast<size_t>(q)] = static_cast<float>(std::sqrt(n2));
+  }
+  const double cost_eps = 8.0 * std::ldexp(1.0, -24);  // rounding of norm - 2 dot
+  std::vector<BoundTopK> cands(static_cast<size_t>(nq));
+  for (auto& c : cands) c.buf.resize(static_cast<size_t>(std::max<int64_t>(4 * k, 1024)));
+  std::vector<float> dots(static_cast<size_t>(nq * kKeyBlock)), norms(kKeyBlock), xlen(kKeyBlock);
+
+  for (int64_t first = begin; first < end; first += kKeyBlock) {
+    const int64_t rows = std::min(kKeyBlock, end - first);
+    const uint16_t* xb = keys + first * stride;
+    for (int64_t j = 0; j < rows; ++j) {  // exact fp32 norms of the keys
+      const uint16_t* x = xb + j * stride;
+      v16f a0{}, a1{};
+      for (int64_t i = 0; i < dim; i += 32) {
+        const v16f u = simd::load_bf16(x + i), w = simd::load_bf16(x + i + 16);
+        a0 += u * u;
+        a1 += w * w;
+      }
+      norms[static_cast<size_t>(j)] = simd::hsum(a0 + a1);
+      xlen[static_cast<size_t>(j)] = std::sqrt(norms[static_cast<size_t>(j)]);
+    }
+    for (int64_t q0 = 0; q0 < nq; q0 += 4) {
+      const int64_t qt = std::min<int64_t>(4, nq - q0);
+      for (int64_t j = 0; j < rows; j += 4) {
+        // a short last block re-reads rows of this block instead of running past `end`
+        const int64_t jj = std::min(j, rows - 4 < 0 ? 0 : rows - 4);
+        float* out = dots.data() + q0 * kKeyBlock + jj;
+        const uint16_t* x = xb + jj * stride;
+        const uint16_t* q = qb.data() + q0 * dim;
+        if (rows < 4) {
+          for (int64_t r = 0; r < rows; ++r)
+            switch (qt) {
+              case 4: dot_tile_bf16<4, 1>(q, dim, x + r * stride, stride, out + r, kKeyBlock); break;
+              case 3: dot_tile_bf16<3, 1>(q, dim, x + r * stride, stride, out + r, kKeyBlock); break;
+              case 2: dot_tile_bf16<2, 1>(q, dim, x + r * stride, stride, out + r, kKeyBlock); break;
+              default: dot_tile_bf16<1, 1>(q, dim, x + r * stride, stride, out + r, kKeyBlock); break;
+            }
+          break;
+        }
+        switch (qt) {
+          case 4: dot_tile_bf16<4, 4>(q, dim, x, stride, out, kKeyBlock); break;
+          case 3: dot_tile_bf16<3, 4>(q, dim, x, stride, out, kKeyBlock); break;
+          case 2: dot_tile_bf16<2, 4>(q, dim, x, stride, out, kKeyBlock); break;
+          default: dot_tile_bf16<1, 4>(q, dim, x, stride, out, kKeyBlock); break;
+        }
+      }
+    }
+    for (int64_t q = 0; q < nq; ++q) {
+      BoundTopK& c = cands[static_cast<size_t>(q)];
+      const float* d = dots.data() + q * kKeyBlock;
+      const float qe = q_err[static_cast<size_t>(q)];
+      for (int64_t j = 0; j < rows; ++j) {
+        const float approx = l2 ? norms[static_cast<size_t>(j)] - 2.f * d[j] : -d[j];
+        const float bound = (l2 ? 2.f : 1.f) * qe * xlen[static_cast<size_t>(j)] +
+                            static_cast<float>(cost_eps) * (norms[static_cast<size_t>(j)] + 2.f * std::fabs(d[j])) +
+                            1e-30f;
+        c.push(approx - bound, approx + bound, first + j, k);
+      }
+    }
+  }
+  // exact fp32 re-scoring of the surviving candidates
+  for (int64_t q = 0; q < nq; ++q) {
+    BoundTopK& c = cands[static_cast<size_t>(q)];
+    c.prune(k);
+    TopK& t = tops[static_cast<size_t>(q)];
+    const float* qv = qbuf + q * dim;
+    for (int64_t i = 0; i < c.count; ++i) {
+      const int64_t id = c.buf[static_cast<size_t>(i)].id;
+      const uint16_t* x = keys + id * stride;
+      v16f dot0{}, dot1{}, nn0{}, nn1{};
+      for (int64_t e = 0; e < dim; e += 32) {
+        const v16f u = simd::load_bf16(x + e), w = simd::load_bf16(x + e + 16);
+        dot0 += simd::load(qv + e) * u;
+        dot1 += simd::load(qv + e + 16) * w;
+        nn0 += u * u;
+        nn1 += w * w;
+      }
+      const float dot = simd::hsum(dot0 + dot1);
+      t.push(l2 ? simd::hsum(nn0 + nn1) - 2.f * dot : -dot, id, k);
+    }
+  }
+}
+#endif  // __AVX512BF16__
 
 }  // namespace
 
@@ -262,6 +447,13 @@ void knn_search_cpu(const float* queries, int64_t num_queries, int64_t dim, cons
           search_range<KnnDType::F16>(qbuf.data(), num_queries, dim, dp, keys, key_stride, begin, end, k, metric, t);
           break;
         case KnnDType::BF16:
+#if defined(__AVX512BF16__)
+          if (num_queries >= kBf16MinQueries && dim % 32 == 0) {
+            search_range_bf16(qbuf.data(), num_queries, dim, static_cast<const uint16_t*>(keys), key_stride, begin,
+                              end, k, metric, t);
+            break;
+          }
+#endif
           search_range<KnnDType::BF16>(qbuf.data(), num_queries, dim, dp, keys, key_stride, begin, end, k, metric, t);
           break;
       }
