@@ -171,6 +171,9 @@ inline void direct_tile(const float* q, int64_t dp, const void* keys, int64_t fi
   for (int kj = 0; kj < KT; ++kj) norms[kj] = sums[QT * KT + kj];
 }
 
+// Lanes [0, n) of a 16-lane block (all of them when n >= 16).
+inline uint32_t lane_mask(int64_t n) { return n >= simd::kLanes ? 0xffffu : (1u << n) - 1u; }
+
 // Scores of all queries against one widened block of kKeyBlock keys: dots (nq x kKeyBlock).
 void block_dots(const float* qbuf, int64_t nq, int64_t dp, const float* kbuf, float* dots) {
   for (int64_t q0 = 0; q0 < nq; q0 += 4) {
@@ -218,7 +221,17 @@ void search_range(const float* qbuf, int64_t nq, int64_t dim, int64_t dp, const 
     for (int64_t q = 0; q < nq; ++q) {
       TopK& t = tops[static_cast<size_t>(q)];
       const float* d = dots.data() + q * kKeyBlock;
-      for (int64_t j = 0; j < rows; ++j) t.push(l2 ? norms[j] - 2.f * d[j] : -d[j], first + j, k);
+      // 16 keys at a time against the threshold; most blocks have no key to keep
+      for (int64_t j0 = 0; j0 < rows; j0 += simd::kLanes) {
+        const v16f dv = simd::load(d + j0);
+        const v16f cost = l2 ? simd::load(norms.data() + j0) - 2.f * dv : -dv;
+        uint32_t bits = simd::movemask(cost < t.thresh) & lane_mask(rows - j0);
+        while (bits) {
+          const int j = __builtin_ctz(bits);
+          bits &= bits - 1;
+          t.push(cost[j], first + j0 + j, k);
+        }
+      }
     }
   }
 }
@@ -374,12 +387,19 @@ void search_range_bf16(const float* qbuf, int64_t nq, int64_t dim, const uint16_
       BoundTopK& c = cands[static_cast<size_t>(q)];
       const float* d = dots.data() + q * kKeyBlock;
       const float qe = q_err[static_cast<size_t>(q)];
-      for (int64_t j = 0; j < rows; ++j) {
-        const float approx = l2 ? norms[static_cast<size_t>(j)] - 2.f * d[j] : -d[j];
-        const float bound = (l2 ? 2.f : 1.f) * qe * xlen[static_cast<size_t>(j)] +
-                            static_cast<float>(cost_eps) * (norms[static_cast<size_t>(j)] + 2.f * std::fabs(d[j])) +
-                            1e-30f;
-        c.push(approx - bound, approx + bound, first + j, k);
+      for (int64_t j0 = 0; j0 < rows; j0 += simd::kLanes) {
+        const v16f dv = simd::load(d + j0), nv = simd::load(norms.data() + j0);
+        const v16f approx = l2 ? nv - 2.f * dv : -dv;
+        const v16f adv = dv < 0.f ? -dv : dv;
+        const v16f bound = (l2 ? 2.f : 1.f) * qe * simd::load(xlen.data() + j0) +
+                           static_cast<float>(cost_eps) * (nv + 2.f * adv) + 1e-30f;
+        const v16f lower = approx - bound, upper = approx + bound;
+        uint32_t bits = simd::movemask(lower <= c.thresh) & lane_mask(rows - j0);
+        while (bits) {
+          const int j = __builtin_ctz(bits);
+          bits &= bits - 1;
+          c.push(lower[j], upper[j], first + j0 + j, k);
+        }
       }
     }
   }

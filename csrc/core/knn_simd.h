@@ -43,6 +43,17 @@ inline float hmax(v16f v) {
 
 inline v16f vmax(v16f a, v16f b) { return a > b ? a : b; }
 
+// Bit i set when lane i of the comparison result `m` (all ones / zero) is set.
+inline uint32_t movemask(v16i m) {
+#if defined(__AVX512DQ__)
+  return _mm512_movepi32_mask(reinterpret_cast<__m512i&>(m));
+#else
+  uint32_t bits = 0;
+  for (int i = 0; i < kLanes; ++i) bits |= static_cast<uint32_t>(m[i] != 0) << i;
+  return bits;
+#endif
+}
+
 // Horizontal sums of 16 vectors at once: result lane j = sum of the lanes of v[j]. A tree of
 // 15 shuffle-add steps (instead of 16 separate reductions, which cost more than a short dot
 // product). Each step folds the upper half of every lane block onto the lower half, interleaving
