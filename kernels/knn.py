@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kcore.errors import InvalidInputError
+
 # ----------------------------------------------------------------------------------------------
 # kernels
 # ----------------------------------------------------------------------------------------------
@@ -166,7 +168,7 @@ def knn_search(queries: torch.Tensor, keys: torch.Tensor, k: int, metric: str):
         return (torch.full((nq, k), pad, dtype=torch.float32, device=device),
                 torch.full((nq, k), -1, dtype=torch.int64, device=device))
     if n >= 2**31 - 1:
-        raise ValueError("the triton knn_search packs key ids in 31 bits: at most 2**31 - 2 keys")
+        raise InvalidInputError(f"keys: the triton knn_search packs key ids in 31 bits, at most 2**31 - 2 keys, got {n}")
     if keys.stride(1) != 1:
         keys = keys.contiguous()
     q = queries.to(torch.float32).contiguous()
