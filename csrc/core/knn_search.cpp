@@ -340,7 +340,7 @@ void search_range_bf16(const float* qbuf, int64_t nq, int64_t dim, const uint16_
   }
   const double cost_eps = 8.0 * std::ldexp(1.0, -24);  // rounding of norm - 2 dot
   std::vector<BoundTopK> cands(static_cast<size_t>(nq));
-  for (auto& c : cands) c.buf.resize(static_cast<size_t>(std::max<int64_t>(4 * k, 1024)));
+  for (auto& c : cands) c.buf.resize(static_cast<size_t>(std::min<int64_t>(std::max<int64_t>(4 * k, 1024), end - begin + 1)));
   std::vector<float> dots(static_cast<size_t>(nq * kKeyBlock)), norms(kKeyBlock), xlen(kKeyBlock);
 
   for (int64_t first = begin; first < end; first += kKeyBlock) {
@@ -450,7 +450,8 @@ void knn_search_cpu(const float* queries, int64_t num_queries, int64_t dim, cons
   const int64_t chunks = std::max<int64_t>(
       1, std::min<int64_t>(num_threads(), num_keys / kMinKeysPerChunk));
   const int64_t per_chunk = (num_keys + chunks - 1) / chunks;
-  const int64_t cap = std::max<int64_t>(2 * k, k + 256);
+  // candidate buffer per query: room for 2k (amortised nth_element), never more than a chunk holds
+  const int64_t cap = std::min<int64_t>(std::max<int64_t>(2 * k, k + 256), per_chunk + 1);
   std::vector<std::vector<TopK>> tops(static_cast<size_t>(chunks));
   parallel_for(chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
