@@ -316,14 +316,19 @@ struct BoundTopK {
   }
 };
 
+// DT = BF16: the keys are used as they are. DT = F16: each block is rounded to bf16 into a buffer
+// and each key's rounding error ||x - x_bf16|| enters the bound:
+//   |<q, x> - <q_bf16, x_bf16>| <= ||q|| ||x - x_bf16|| + (||q - q_bf16|| + gamma ||q_bf16||) ||x_bf16||.
+template <KnnDType DT>
 void search_range_bf16(const float* qbuf, int64_t nq, int64_t dim, const uint16_t* keys, int64_t stride,
                        int64_t begin, int64_t end, int64_t k, KnnMetric metric, std::vector<TopK>& tops) {
+  static_assert(DT == KnnDType::BF16 || DT == KnnDType::F16, "half-precision keys only");
   const bool l2 = metric == KnnMetric::L2;
   // bf16 queries, the norm of their rounding error and their own norm
   std::vector<uint16_t> qb(static_cast<size_t>(nq * dim));
-  std::vector<float> q_err(static_cast<size_t>(nq)), q_bn(static_cast<size_t>(nq));
+  std::vector<float> q_err(static_cast<size_t>(nq)), q_bn(static_cast<size_t>(nq)), q_len(static_cast<size_t>(nq));
   for (int64_t q = 0; q < nq; ++q) {
-    double e2 = 0.0, n2 = 0.0;
+    double e2 = 0.0, n2 = 0.0, l2q = 0.0;
     for (int64_t i = 0; i < dim; ++i) {
       const float v = qbuf[q * dim + i];
       const uint16_t h = float_to_bf16_rne(v);
@@ -331,7 +336,9 @@ void search_range_bf16(const float* qbuf, int64_t nq, int64_t dim, const uint16_
       const double r = simd::bf16_to_float(h);
       e2 += (v - r) * (v - r);
       n2 += r * r;
+      l2q += static_cast<double>(v) * v;
     }
+    q_len[static_cast<size_t>(q)] = static_cast<float>(1.0001 * std::sqrt(l2q));
     // gamma = 2 d u bounds the fp32 accumulation of d products (u = 2^-24), doubled for safety;
     // 1.0001 covers the rounding of the bound itself.
     const double gamma = 4.0 * static_cast<double>(dim) * std::ldexp(1.0, -24);
@@ -342,20 +349,40 @@ void search_range_bf16(const float* qbuf, int64_t nq, int64_t dim, const uint16_
   std::vector<BoundTopK> cands(static_cast<size_t>(nq));
   for (auto& c : cands) c.buf.resize(static_cast<size_t>(std::min<int64_t>(std::max<int64_t>(4 * k, 1024), end - begin + 1)));
   std::vector<float> dots(static_cast<size_t>(nq * kKeyBlock)), norms(kKeyBlock), xlen(kKeyBlock);
+  std::vector<float> xerr(kKeyBlock, 0.f);
+  std::vector<uint16_t> block(DT == KnnDType::F16 ? static_cast<size_t>(kKeyBlock * dim) : 0);
 
   for (int64_t first = begin; first < end; first += kKeyBlock) {
     const int64_t rows = std::min(kKeyBlock, end - first);
     const uint16_t* xb = keys + first * stride;
-    for (int64_t j = 0; j < rows; ++j) {  // exact fp32 norms of the keys
+    int64_t xs = stride;  // row stride of the bf16 keys the dot products read
+    for (int64_t j = 0; j < rows; ++j) {  // exact fp32 norms of the keys (and bf16 rounding of fp16)
       const uint16_t* x = xb + j * stride;
-      v16f a0{}, a1{};
+      v16f a0{}, a1{}, e0{}, e1{};
       for (int64_t i = 0; i < dim; i += 32) {
-        const v16f u = simd::load_bf16(x + i), w = simd::load_bf16(x + i + 16);
-        a0 += u * u;
-        a1 += w * w;
+        if constexpr (DT == KnnDType::BF16) {
+          const v16f u = simd::load_bf16(x + i), w = simd::load_bf16(x + i + 16);
+          a0 += u * u;
+          a1 += w * w;
+        } else {
+          const v16f u = simd::load_f16(x + i), w = simd::load_f16(x + i + 16);
+          a0 += u * u;
+          a1 += w * w;
+          const __m512bh r = _mm512_cvtne2ps_pbh(reinterpret_cast<const __m512&>(w), reinterpret_cast<const __m512&>(u));
+          uint16_t* dst = block.data() + j * dim + i;
+          _mm512_storeu_si512(dst, (__m512i)r);
+          const v16f du = u - simd::load_bf16(dst), dw = w - simd::load_bf16(dst + 16);
+          e0 += du * du;
+          e1 += dw * dw;
+        }
       }
       norms[static_cast<size_t>(j)] = simd::hsum(a0 + a1);
       xlen[static_cast<size_t>(j)] = std::sqrt(norms[static_cast<size_t>(j)]);
+      if constexpr (DT == KnnDType::F16) xerr[static_cast<size_t>(j)] = 1.0001f * std::sqrt(simd::hsum(e0 + e1));
+    }
+    if constexpr (DT == KnnDType::F16) {
+      xb = block.data();
+      xs = dim;
     }
     for (int64_t q0 = 0; q0 < nq; q0 += 4) {
       const int64_t qt = std::min<int64_t>(4, nq - q0);
@@ -363,35 +390,36 @@ void search_range_bf16(const float* qbuf, int64_t nq, int64_t dim, const uint16_
         // a short last block re-reads rows of this block instead of running past `end`
         const int64_t jj = std::min(j, rows - 4 < 0 ? 0 : rows - 4);
         float* out = dots.data() + q0 * kKeyBlock + jj;
-        const uint16_t* x = xb + jj * stride;
+        const uint16_t* x = xb + jj * xs;
         const uint16_t* q = qb.data() + q0 * dim;
         if (rows < 4) {
           for (int64_t r = 0; r < rows; ++r)
             switch (qt) {
-              case 4: dot_tile_bf16<4, 1>(q, dim, x + r * stride, stride, out + r, kKeyBlock); break;
-              case 3: dot_tile_bf16<3, 1>(q, dim, x + r * stride, stride, out + r, kKeyBlock); break;
-              case 2: dot_tile_bf16<2, 1>(q, dim, x + r * stride, stride, out + r, kKeyBlock); break;
-              default: dot_tile_bf16<1, 1>(q, dim, x + r * stride, stride, out + r, kKeyBlock); break;
+              case 4: dot_tile_bf16<4, 1>(q, dim, x + r * xs, xs, out + r, kKeyBlock); break;
+              case 3: dot_tile_bf16<3, 1>(q, dim, x + r * xs, xs, out + r, kKeyBlock); break;
+              case 2: dot_tile_bf16<2, 1>(q, dim, x + r * xs, xs, out + r, kKeyBlock); break;
+              default: dot_tile_bf16<1, 1>(q, dim, x + r * xs, xs, out + r, kKeyBlock); break;
             }
           break;
         }
         switch (qt) {
-          case 4: dot_tile_bf16<4, 4>(q, dim, x, stride, out, kKeyBlock); break;
-          case 3: dot_tile_bf16<3, 4>(q, dim, x, stride, out, kKeyBlock); break;
-          case 2: dot_tile_bf16<2, 4>(q, dim, x, stride, out, kKeyBlock); break;
-          default: dot_tile_bf16<1, 4>(q, dim, x, stride, out, kKeyBlock); break;
+          case 4: dot_tile_bf16<4, 4>(q, dim, x, xs, out, kKeyBlock); break;
+          case 3: dot_tile_bf16<3, 4>(q, dim, x, xs, out, kKeyBlock); break;
+          case 2: dot_tile_bf16<2, 4>(q, dim, x, xs, out, kKeyBlock); break;
+          default: dot_tile_bf16<1, 4>(q, dim, x, xs, out, kKeyBlock); break;
         }
       }
     }
     for (int64_t q = 0; q < nq; ++q) {
       BoundTopK& c = cands[static_cast<size_t>(q)];
       const float* d = dots.data() + q * kKeyBlock;
-      const float qe = q_err[static_cast<size_t>(q)];
+      const float qe = q_err[static_cast<size_t>(q)], ql = q_len[static_cast<size_t>(q)];
       for (int64_t j0 = 0; j0 < rows; j0 += simd::kLanes) {
         const v16f dv = simd::load(d + j0), nv = simd::load(norms.data() + j0);
         const v16f approx = l2 ? nv - 2.f * dv : -dv;
         const v16f adv = dv < 0.f ? -dv : dv;
-        const v16f bound = (l2 ? 2.f : 1.f) * qe * simd::load(xlen.data() + j0) +
+        const v16f xe = simd::load(xerr.data() + j0);
+        const v16f bound = (l2 ? 2.f : 1.f) * (qe * (simd::load(xlen.data() + j0) + xe) + ql * xe) +
                            static_cast<float>(cost_eps) * (nv + 2.f * adv) + 1e-30f;
         const v16f lower = approx - bound, upper = approx + bound;
         uint32_t bits = simd::movemask(lower <= c.thresh) & lane_mask(rows - j0);
@@ -414,7 +442,8 @@ void search_range_bf16(const float* qbuf, int64_t nq, int64_t dim, const uint16_
       const uint16_t* x = keys + id * stride;
       v16f dot0{}, dot1{}, nn0{}, nn1{};
       for (int64_t e = 0; e < dim; e += 32) {
-        const v16f u = simd::load_bf16(x + e), w = simd::load_bf16(x + e + 16);
+        const v16f u = DT == KnnDType::BF16 ? simd::load_bf16(x + e) : simd::load_f16(x + e);
+        const v16f w = DT == KnnDType::BF16 ? simd::load_bf16(x + e + 16) : simd::load_f16(x + e + 16);
         dot0 += simd::load(qv + e) * u;
         dot1 += simd::load(qv + e + 16) * w;
         nn0 += u * u;
@@ -465,13 +494,20 @@ void knn_search_cpu(const float* queries, int64_t num_queries, int64_t dim, cons
           search_range<KnnDType::F32>(qbuf.data(), num_queries, dim, dp, keys, key_stride, begin, end, k, metric, t);
           break;
         case KnnDType::F16:
+#if defined(__AVX512BF16__)
+          if (num_queries >= kBf16MinQueries && dim % 32 == 0) {
+            search_range_bf16<KnnDType::F16>(qbuf.data(), num_queries, dim, static_cast<const uint16_t*>(keys),
+                                             key_stride, begin, end, k, metric, t);
+            break;
+          }
+#endif
           search_range<KnnDType::F16>(qbuf.data(), num_queries, dim, dp, keys, key_stride, begin, end, k, metric, t);
           break;
         case KnnDType::BF16:
 #if defined(__AVX512BF16__)
           if (num_queries >= kBf16MinQueries && dim % 32 == 0) {
-            search_range_bf16(qbuf.data(), num_queries, dim, static_cast<const uint16_t*>(keys), key_stride, begin,
-                              end, k, metric, t);
+            search_range_bf16<KnnDType::BF16>(qbuf.data(), num_queries, dim, static_cast<const uint16_t*>(keys),
+                                              key_stride, begin, end, k, metric, t);
             break;
           }
 #endif
