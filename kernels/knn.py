@@ -174,7 +174,7 @@ def knn_search(queries: torch.Tensor, keys: torch.Tensor, k: int, metric: str):
     q = queries.to(torch.float32).contiguous()
     k2 = max(64, triton.next_power_of_2(k))
     block_q = 16
-    block_d = 32 if k2 >= 1024 else 64
+    block_d = 16 if k2 >= 1024 else (32 if k2 >= 512 else 64)  # the (BLOCK_D, K2) key tile stays in registers
     q_blocks = triton.cdiv(nq, block_q)
     # enough chunks to fill the device, each at least one tile of K2 keys
     # (the interpreter gets 3 chunks so that tests exercise the merge of chunks)
