@@ -46,14 +46,20 @@ inline float logit_at(const void* row, int64_t i) {
 template <KnnDType DT>
 void log_softmax_row(const void* row, int64_t vocab, float offset, float* out) {
   const int64_t full = vocab / simd::kLanes * simd::kLanes;
-  v16f vm = simd::splat(kNegInf);
-  for (int64_t i = 0; i < full; i += simd::kLanes) vm = simd::vmax(vm, load_logits<DT>(row, i));
-  float m = simd::hmax(vm);
+  constexpr int64_t kStep = 4 * simd::kLanes;  // four independent chains hide the latencies
+  const int64_t full4 = vocab / kStep * kStep;
+  v16f vm[4] = {simd::splat(kNegInf), simd::splat(kNegInf), simd::splat(kNegInf), simd::splat(kNegInf)};
+  for (int64_t i = 0; i < full4; i += kStep)
+    for (int u = 0; u < 4; ++u) vm[u] = simd::vmax(vm[u], load_logits<DT>(row, i + u * simd::kLanes));
+  for (int64_t i = full4; i < full; i += simd::kLanes) vm[0] = simd::vmax(vm[0], load_logits<DT>(row, i));
+  float m = simd::hmax(simd::vmax(simd::vmax(vm[0], vm[1]), simd::vmax(vm[2], vm[3])));
   for (int64_t i = full; i < vocab; ++i) m = std::max(m, logit_at<DT>(row, i));
   const v16f vmx = simd::splat(m);
-  v16f vs{};
-  for (int64_t i = 0; i < full; i += simd::kLanes) vs += simd::exp(load_logits<DT>(row, i) - vmx);
-  double s = simd::hsum(vs);
+  v16f vs[4] = {};
+  for (int64_t i = 0; i < full4; i += kStep)
+    for (int u = 0; u < 4; ++u) vs[u] += simd::exp(load_logits<DT>(row, i + u * simd::kLanes) - vmx);
+  for (int64_t i = full4; i < full; i += simd::kLanes) vs[0] += simd::exp(load_logits<DT>(row, i) - vmx);
+  double s = simd::hsum((vs[0] + vs[1]) + (vs[2] + vs[3]));
   for (int64_t i = full; i < vocab; ++i) s += std::exp(static_cast<double>(logit_at<DT>(row, i)) - m);
   const float shift = static_cast<float>(m + std::log(s)) - offset;
   const v16f vsh = simd::splat(shift);
