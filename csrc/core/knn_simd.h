@@ -10,6 +10,12 @@
 #include <immintrin.h>
 #endif
 
+#if defined(__GNUC__) && !defined(__clang__)
+// 64-byte vectors only pass between inline functions of these kernels, never across an ABI
+// boundary; without AVX-512 GCC would still warn that their calling convention differs.
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
 namespace kcore::simd {
 
 typedef float v16f __attribute__((vector_size(64)));
