@@ -1,0 +1,41 @@
+"""``cpu`` backend of :mod:`kcore.ops.knn`: prepares raw pointers for the C++ kernels in kcore._C
+(csrc/core/knn_search.cpp, csrc/core/knn_interpolate.cpp). Arguments are already checked by
+``kcore.ops.knn``; this module only fixes layouts (contiguity) and allocates the outputs."""
+
+from __future__ import annotations
+
+import torch
+
+from kcore._native import native
+
+_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_METRIC_CODE = {"l2": 0, "ip": 1}
+
+
+def knn_search(queries: torch.Tensor, keys: torch.Tensor, k: int, metric: str):
+    nq, dim = queries.shape
+    q = queries.to(torch.float32).contiguous()
+    if keys.shape[0] > 0 and keys.stride(1) != 1:
+        keys = keys.contiguous()  # the kernel reads whole rows; a column-strided view is copied once
+    dists = torch.empty((nq, k), dtype=torch.float32)
+    ids = torch.empty((nq, k), dtype=torch.int64)
+    native().knn_search(
+        q.data_ptr(), nq, dim, keys.data_ptr(), _DTYPE_CODE[keys.dtype], keys.shape[0],
+        keys.stride(0) if keys.shape[0] > 0 else dim, k, _METRIC_CODE[metric], dists.data_ptr(), ids.data_ptr(),
+    )
+    return dists, ids
+
+
+def knn_interpolate(lm_logits, dists, values, lmbda: float, temperature: float, metric: str):
+    batch, vocab = lm_logits.shape
+    if lm_logits.stride(1) != 1:
+        lm_logits = lm_logits.contiguous()
+    dists = dists.contiguous()
+    values = values.contiguous()
+    out = torch.empty((batch, vocab), dtype=torch.float32)
+    native().knn_interpolate(
+        lm_logits.data_ptr(), _DTYPE_CODE[lm_logits.dtype], batch, vocab,
+        lm_logits.stride(0) if batch > 1 else vocab, dists.data_ptr(), values.data_ptr(),
+        values.dtype == torch.int64, dists.shape[1], lmbda, temperature, _METRIC_CODE[metric], out.data_ptr(),
+    )
+    return out
