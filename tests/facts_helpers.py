@@ -78,60 +78,7 @@ FACTS = [
 def make_trie(tok, facts, path, *, leading_space: bool = True):
     """A real kcore.FactTrie over the facts, encoded as FactTrie.from_facts encodes them."""
     seqs = [tok.encode((" " + f) if leading_space else f) for f in facts]
-    try:
-        return kcore.FactTrie.build(seqs, str(path), vocab_size=len(tok)), seqs
-    except ModuleNotFoundError:
-        return _DevTrie(seqs, len(tok)), seqs
-
-
-class _DevTrie:
-    """Development stand-in for kcore.FactTrie (same contract), until the trie branch lands."""
-
-    def __init__(self, seqs, vocab_size):
-        facts = sorted({tuple(s) for s in seqs})
-        self.facts = facts
-        self.vocab_size = vocab_size
-        self.num_facts = len(facts)
-        self.tokenizer_fingerprint = ""
-        prefixes = sorted({f[:k] for f in facts for k in range(len(f) + 1)})
-        self.ids = {p: i for i, p in enumerate(prefixes)}
-        self.prefixes = prefixes
-        self.root_state = self.ids[()]
-        self.children = {}
-        for p in prefixes:
-            if p:
-                self.children.setdefault(self.ids[p[:-1]], {})[p[-1]] = self.ids[p]
-        self.range = {}
-        for p in prefixes:
-            below = [i for i, f in enumerate(facts) if f[: len(p)] == p]
-            self.range[self.ids[p]] = (below[0], len(below))
-        self.complete = {self.ids[f] for f in facts}
-
-    def step(self, states, tokens):
-        return np.array([self.children.get(int(s), {}).get(int(t), -1) if s >= 0 else -1 for s, t in zip(states, tokens)], dtype=np.int64)
-
-    def is_complete(self, states):
-        return np.array([int(s) in self.complete for s in states], dtype=bool)
-
-    def fact_range(self, states):
-        r = [self.range.get(int(s), (-1, 0)) for s in states]
-        return np.array([x[0] for x in r], dtype=np.int64), np.array([x[1] for x in r], dtype=np.int64)
-
-    def fill_bitmask(self, states, bitmask, *, written_offsets=None, written_ids=None):
-        bm = bitmask.view(np.uint32)
-        bm[:] = 0
-        for i, s in enumerate(states):
-            if s < 0:
-                continue
-            w = set(written_ids[written_offsets[i]:written_offsets[i + 1]].tolist()) if written_ids is not None else set()
-            for tok, c in self.children.get(int(s), {}).items():
-                first, count = self.range[c]
-                if all(x in w for x in range(first, first + count)):
-                    continue
-                bm[i, tok >> 5] |= np.uint32(1 << (tok & 31))
-
-    def contains(self, seq):
-        return tuple(int(t) for t in seq) in set(self.facts)
+    return kcore.FactTrie.build(seqs, str(path), vocab_size=len(tok), progress=False), seqs
 
 
 class Oracle:
