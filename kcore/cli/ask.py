@@ -133,10 +133,12 @@ def run(args) -> int:
 
     if args.max_new_tokens < 1:
         raise KcoreError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.trie and not Path(args.trie).is_file():
+        raise KcoreError(f"trie {args.trie!r} not found; build one with `kcore build-trie`")
+    if args.kb and not Path(args.kb).is_file():
+        raise KcoreError(f"knowledge base {args.kb!r} not found: pass a .tsv or .jsonl triples file or a .txt facts file")
     model, tokenizer = load_model_and_tokenizer(args.model)
     if args.trie:
-        if not Path(args.trie).is_file():
-            raise KcoreError(f"trie {args.trie!r} not found; build one with `kcore build-trie`")
         trie = kcore.FactTrie.load(args.trie, tokenizer=tokenizer)
     else:
         trie = cached_trie(tokenizer, args.kb)
