@@ -271,3 +271,87 @@ def test_bad_inputs(tok, trie_and_seqs):
 
     with pytest.raises(TokenizerMismatchError):
         FactLogitsProcessor(Fingerprinted(trie), Other())
+
+
+# ---------------------------------------------------------------------------- real model (slow)
+
+QUESTIONS = ["What is the capital of Japan?", "Which languages are spoken in Switzerland?", "Kenya is a country in Africa. What is the capital of Kenya?"]
+
+
+@pytest.fixture(scope="module")
+def geo_trie(smollm2, tmp_path_factory):
+    """The built-in KB's countries plus the cities above one million, for SmolLM2's tokenizer."""
+    import kcore
+    from kcore.kb import default_facts
+
+    _, tokenizer = smollm2
+    facts = default_facts(cities=False) + default_facts(countries=False, min_city_population=1_000_000)
+    return kcore.FactTrie.from_facts(facts, tokenizer, tmp_path_factory.mktemp("geo") / "geo.ktrie", progress=False)
+
+
+def _generate(smollm2, trie, questions, **gen):
+    from transformers import LogitsProcessorList
+
+    from kcore.cli.ask import prompt_text
+
+    model, tokenizer = smollm2
+    tokenizer.padding_side = "left"
+    enc = tokenizer([prompt_text(tokenizer, q) for q in questions], return_tensors="pt", padding=True, add_special_tokens=False)
+    proc = FactLogitsProcessor(trie, tokenizer)
+    with torch.no_grad():
+        out = model.generate(**enc, logits_processor=LogitsProcessorList([proc]), pad_token_id=tokenizer.pad_token_id, **gen)
+    plen = enc["input_ids"].shape[1]
+    facts = extract_facts(out, tokenizer, trie, prompt_length=plen)
+    return out, plen, facts
+
+
+def _check_all_found(trie, facts, min_facts):
+    written = [f for row in facts for f in row if f.terminated]
+    assert len(written) >= min_facts
+    for f in written:
+        assert f.found, f"fact not in the KB: {f.text!r}"
+        assert trie.contains(list(f.token_ids)), "the generated token ids themselves are a fact of the trie"
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_batch_left_padding(smollm2, geo_trie):
+    _, tokenizer = smollm2
+    out, plen, facts = _generate(smollm2, geo_trie, QUESTIONS, max_new_tokens=32, do_sample=False)
+    _check_all_found(geo_trie, facts, min_facts=3)
+    texts = [f.text for row in facts for f in row]
+    assert "Japan capital Tokyo ." in texts and "Kenya capital Nairobi ." in texts
+    # the prompts differ in length: left padding was used
+    assert (out[:, 0] == tokenizer.pad_token_id).any()
+
+
+@pytest.mark.slow
+def test_smollm2_sampling_num_return_sequences(smollm2, geo_trie):
+    torch.manual_seed(0)
+    _, _, facts = _generate(smollm2, geo_trie, QUESTIONS[:2], max_new_tokens=32, do_sample=True, temperature=1.3,
+                            top_k=0, num_return_sequences=2)
+    assert len(facts) == 4
+    _check_all_found(geo_trie, facts, min_facts=4)
+
+
+@pytest.mark.slow
+def test_smollm2_beam_search(smollm2, geo_trie):
+    _, _, facts = _generate(smollm2, geo_trie, QUESTIONS[:2], max_new_tokens=32, num_beams=3, num_return_sequences=2,
+                            do_sample=False)
+    assert len(facts) == 4
+    _check_all_found(geo_trie, facts, min_facts=4)
+
+
+@pytest.mark.slow
+def test_smollm2_dead_end_every_fact_written(smollm2, tmp_path):
+    """A KB of two facts: the model writes each once, then every further fact is a dead end that
+    the terminator closes at once."""
+    import kcore
+
+    model, tokenizer = smollm2
+    trie = kcore.FactTrie.from_facts(["Japan capital Tokyo .", "Japan currency Yen ."], tokenizer, tmp_path / "two.ktrie", progress=False)
+    out, plen, facts = _generate(smollm2, trie, ["Write every fact you know about Japan."], max_new_tokens=48, do_sample=False)
+    written = [f.text for f in facts[0] if f.terminated]
+    # after the last fact, a new "Fact:" can only be closed by the terminator
+    assert "Fact:\n" in tokenizer.decode(out[0, plen:])
+    assert written and set(written) <= {"Japan capital Tokyo .", "Japan currency Yen ."}
+    assert len(written) == len(set(written)), "no fact written twice"
