@@ -249,7 +249,12 @@ class _FactTracker:
             written_offsets = np.asarray(offsets, dtype=np.int64)
             written_ids = np.asarray(ids, dtype=np.int64)
         complete = self.trie.is_complete(states)
-        first, _ = self.trie.fact_range(states)
+        # A complete state's own fact id is only needed to track written facts: ask for the ids
+        # of the complete rows only (usually none).
+        first = np.full(n, -1, dtype=np.int64)
+        if self.avoid_duplicates and complete.any():
+            done = np.flatnonzero(complete)
+            first[done] = self.trie.fact_range(states[done])[0]
         if bitmask is not None:
             self.trie.fill_bitmask(states, bitmask, written_offsets=written_offsets, written_ids=written_ids)
             any_allowed = bitmask.any(axis=1)
@@ -420,14 +425,14 @@ class FactLogitsProcessor(_LogitsProcessorBase):
         words = (vocab + 31) // 32
         if self._bitmask is None or self._bitmask.shape != (batch, words):
             self._bitmask = np.zeros((batch, words), dtype=np.int32)
+            self._bitmask_t = torch.from_numpy(self._bitmask)  # shares memory: filled in place
         bitmask = self._tracker.describe(nodes, self._bitmask)
-        self._apply(scores, bitmask, constrained)
+        self._apply(scores, bitmask, self._bitmask_t, constrained)
         return scores
 
-    def _apply(self, scores: torch.Tensor, bitmask: np.ndarray, rows: List[int]) -> None:
+    def _apply(self, scores: torch.Tensor, bitmask: np.ndarray, mask: torch.Tensor, rows: List[int]) -> None:
         from kcore.ops.bitmask import apply_token_bitmask_
 
-        mask = torch.from_numpy(bitmask)
         if scores.device.type != "cpu":
             mask = mask.to(scores.device, non_blocking=False)
         all_rows = len(rows) == scores.shape[0]
