@@ -21,6 +21,7 @@ What differs from ReFactX and from HF's ``PrefixConstrainedLogitsProcessor``:
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -63,9 +64,32 @@ class _Node:
         self.dead_end = False
 
 
+# Per-tokenizer data that costs about a second to compute (decoding every token, hashing the
+# vocabulary), shared by every processor built for the same tokenizer object.
+_TOKENIZER_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _cached(tokenizer, key: str, compute):
+    try:
+        entry = _TOKENIZER_CACHE.setdefault(tokenizer, {})
+    except TypeError:  # not weak-referenceable or not hashable: no caching
+        return compute()
+    if key not in entry or entry[key][0] != len(tokenizer):
+        entry[key] = (len(tokenizer), compute())
+    return entry[key][1]
+
+
 def _token_strings(tokenizer) -> List[str]:
-    n = len(tokenizer)
-    return tokenizer.batch_decode([[i] for i in range(n)], clean_up_tokenization_spaces=False)
+    def compute():
+        return tokenizer.batch_decode([[i] for i in range(len(tokenizer))], clean_up_tokenization_spaces=False)
+
+    return _cached(tokenizer, "strings", compute)
+
+
+def _fingerprint(tokenizer) -> str:
+    from kcore.tokenizer import tokenizer_fingerprint
+
+    return _cached(tokenizer, "fingerprint", lambda: tokenizer_fingerprint(tokenizer))
 
 
 def trigger_token_sequences(tokenizer, trigger: str, *, token_strings: Optional[Sequence[str]] = None) -> List[Tuple[int, ...]]:
@@ -120,14 +144,11 @@ class _FactTracker:
             if not hasattr(trie, attr):
                 raise InvalidInputError(f"trie must be a kcore.FactTrie, got {type(trie).__name__} without {attr!r}")
         fingerprint = getattr(trie, "tokenizer_fingerprint", "")
-        if fingerprint:
-            from kcore.tokenizer import tokenizer_fingerprint
-
-            if tokenizer_fingerprint(tokenizer) != fingerprint:
-                raise TokenizerMismatchError(
-                    "tokenizer does not match the trie: the trie was built for tokenizer fingerprint "
-                    f"{fingerprint[:12]}..., this tokenizer's is {tokenizer_fingerprint(tokenizer)[:12]}..."
-                )
+        if fingerprint and _fingerprint(tokenizer) != fingerprint:
+            raise TokenizerMismatchError(
+                "tokenizer does not match the trie: the trie was built for tokenizer fingerprint "
+                f"{fingerprint[:12]}..., this tokenizer's is {_fingerprint(tokenizer)[:12]}..."
+            )
         self.trie = trie
         self.vocab_size = int(trie.vocab_size)
         self.avoid_duplicates = bool(avoid_duplicates)
