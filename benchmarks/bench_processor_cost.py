@@ -2,16 +2,17 @@
 a dict trie (the GENRE / ReFactX way), measured inside real generation on SmolLM2-135M-Instruct
 (CPU) with the built-in GeoNames KB (106k facts), at batch 1, 8 and 64.
 
-At every step of one greedy generation, the same ``input_ids`` and a copy of the same scores go to
+Three greedy generations per batch size, each with one contender as the only logits processor
+(so each runs right after the model's forward pass, as in real use):
 
 * ``hf``: ``transformers.PrefixConstrainedLogitsProcessor`` with a prefix function that finds the
   row's last trigger and walks a nested-dict trie of the facts' token ids (free text: every id);
-* ``kcore``: :class:`kcore.hf.FactLogitsProcessor` with ``avoid_duplicates=False`` (same
-  constraint as ``hf``, so the two masks are asserted equal at every step and row);
-* ``kcore+dedup``: the default ``avoid_duplicates=True`` (timed only; called last, so it runs
-  with warm caches, unlike ``kcore`` which is called first, right after the forward pass).
+* ``kcore``: :class:`kcore.hf.FactLogitsProcessor` with ``avoid_duplicates=False``, the same
+  constraint as ``hf``: during the ``hf`` run its mask is computed on the same inputs (untimed)
+  and asserted equal at every step and row, and the two runs must produce the same tokens;
+* ``kcore dedup``: the default ``avoid_duplicates=True``.
 
-The ``kcore`` result drives generation. Reported per step (mean over the steps of the run):
+Reported per step (median and mean over the decode steps):
 each processor's whole ``__call__``; for ``kcore`` also the time inside ``FactTrie.fill_bitmask``
 and ``apply_token_bitmask_`` ("fill + apply"); the model's step time (median time between two
 processor calls, i.e. forward pass + HF's own step work). Prefill is excluded.
@@ -22,7 +23,6 @@ Usage: python benchmarks/bench_processor_cost.py [--batches 1,8,64] [--new-token
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import statistics
 import sys
@@ -103,47 +103,39 @@ class TrieProxy:
         return getattr(self._trie, name)
 
 
-class SideBySide:
-    """The one logits processor given to generate(): calls each contender on the same inputs."""
+class Timed:
+    """The one logits processor given to generate(): times ``proc`` (first after the forward pass,
+    its place in real generation), records the gap between calls (model step) and, untimed, the
+    rows inside a fact; with ``check``, also asserts that ``check`` allows exactly the same tokens."""
 
-    def __init__(self, hf, kcore_proc, kcore_dedup, fill_apply: Timer):
-        self.hf, self.kc, self.kd = hf, kcore_proc, kcore_dedup
-        self.fill_apply = fill_apply
-        self.rows = []  # per step: hf_ns, kcore_ns, fill_apply_ns, dedup_ns, constrained_rows
+    def __init__(self, proc, fill_apply: Timer, tracker_proc=None, check=None):
+        self.proc, self.fill_apply, self.tracker_proc, self.check = proc, fill_apply, tracker_proc, check
+        self.rows = []  # per step: (call ns, fill+apply ns, rows in a fact)
         self.gaps = []
         self.last_end = None
         self.mismatches = 0
 
     def __call__(self, input_ids, scores):
-        # The HF prefix function allocates a 49k-int list per free row; collect that garbage here,
-        # outside the timed calls, so no contender pays for another's collections.
-        gc.collect()
         start = time.perf_counter_ns()
         if self.last_end is not None:
             self.gaps.append(start - self.last_end)
-        s_hf = scores.clone()
-        s_kd = scores.clone()
-        # kcore runs first, right after the model's forward pass (its place in real generation,
-        # caches cold); HF's function next, on the same inputs; the dedup variant last.
+        before = scores.clone() if self.check is not None else None
         self.fill_apply.ns = 0
         t0 = time.perf_counter_ns()
-        self.kc(input_ids, scores)
+        out = self.proc(input_ids, scores)
         t1 = time.perf_counter_ns()
         fa = self.fill_apply.ns
-        s_hf = self.hf(input_ids, s_hf)
-        t2 = time.perf_counter_ns()
-        self.kd(input_ids, s_kd)
-        t3 = time.perf_counter_ns()
-        constrained = sum(nd.mode != 0 for nd in self.kc._nodes)
-        # correctness first: both constraints allow exactly the same tokens
-        a = torch.isfinite(s_hf[:, : scores.shape[1]])
-        b = torch.isfinite(scores)
-        free_rows = b.all(dim=1)
-        a[free_rows] = True  # hf masks nothing either in free rows, except ids >= len(tokenizer)
-        self.mismatches += int((a != b).any(dim=1).sum())
-        self.rows.append((t2 - t1, t1 - t0, fa, t3 - t2, constrained))
+        if self.check is not None:
+            self.check(input_ids, before)
+            a = torch.isfinite(out[:, : before.shape[1]])
+            b = torch.isfinite(before)
+            free_rows = b.all(dim=1)
+            a[free_rows] = True  # hf masks ids >= len(tokenizer) in free rows too (none here)
+            self.mismatches += int((a != b).any(dim=1).sum())
+        nodes = (self.tracker_proc or self.proc)._nodes
+        self.rows.append((t1 - t0, fa, sum(nd.mode != 0 for nd in nodes)))
         self.last_end = time.perf_counter_ns()
-        return scores
+        return out
 
 
 def main(argv=None) -> int:
@@ -189,27 +181,40 @@ def main(argv=None) -> int:
     for batch in [int(b) for b in args.batches.split(",")]:
         questions = [f"What is the capital of {countries[i % len(countries)]}?" for i in range(batch)]
         enc = tok([prompt_text(tok, q) for q in questions], return_tensors="pt", padding=True, add_special_tokens=False)
-        hf = PrefixConstrainedLogitsProcessor(hf_prefix_fn(dict_trie, trig, term[0], len(tok), max_len + 8), num_beams=1)
+
+        def run(timed):
+            with torch.no_grad():
+                return model.generate(**enc, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                      do_sample=False, logits_processor=LogitsProcessorList([timed]),
+                                      pad_token_id=tok.pad_token_id)
+
+        # HF alone (timed), with kcore's mask computed on the same inputs afterwards (untimed) and
+        # asserted equal; then kcore alone and kcore with dedup alone. Greedy search with equal
+        # masks gives the three runs the same token streams.
+        hf_fn = hf_prefix_fn(dict_trie, trig, term[0], len(tok), max_len + 8)
+        ref = FactLogitsProcessor(trie, tok, avoid_duplicates=False)
+        t_hf = Timed(PrefixConstrainedLogitsProcessor(hf_fn, num_beams=1), fill_apply, tracker_proc=ref, check=ref)
+        out_hf = run(t_hf)
+        assert t_hf.mismatches == 0, f"batch {batch}: kcore and HF masks differ in {t_hf.mismatches} row-steps"
         kc = FactLogitsProcessor(trie, tok, avoid_duplicates=False)
         kc._tracker.trie = TrieProxy(trie, fill_apply)
+        t_kc = Timed(kc, fill_apply)
+        out_kc = run(t_kc)
+        assert torch.equal(out_hf, out_kc), "same constraint, same greedy tokens"
         kd = FactLogitsProcessor(trie, tok, avoid_duplicates=True)
-        side = SideBySide(hf, kc, kd, fill_apply)
-        gc.disable()
-        with torch.no_grad():
-            model.generate(**enc, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
-                           logits_processor=LogitsProcessorList([side]), pad_token_id=tok.pad_token_id)
-        gc.enable()
-        assert side.mismatches == 0, f"batch {batch}: kcore and HF masks differ in {side.mismatches} row-steps"
-        if os.environ.get("KCORE_BENCH_VERBOSE"):
-            print(side.rows, file=sys.stderr)
-        steps = side.rows[1:]  # the first call follows prefill (and scans the prompts)
-        model_ms = statistics.median(side.gaps) / 1e6
-        for kind, sel in (("all", steps), ("fact", [r for r in steps if r[4] > 0]), ("free", [r for r in steps if r[4] == 0])):
+        kd._tracker.trie = TrieProxy(trie, fill_apply)
+        t_kd = Timed(kd, fill_apply)
+        run(t_kd)
+        model_ms = statistics.median(t_kc.gaps) / 1e6
+        # the first call follows prefill (and scans the prompts): excluded
+        steps = list(zip(t_hf.rows[1:], t_kc.rows[1:], t_kd.rows[1:]))
+        for kind, sel in (("all", steps), ("fact", [r for r in steps if r[1][2] > 0]), ("free", [r for r in steps if r[1][2] == 0])):
             if not sel:
                 continue
-            med = [statistics.median(r[k] for r in sel) / 1e3 for k in range(4)]
-            mean = [np.mean([r[k] for r in sel]) / 1e3 for k in range(4)]
-            cons = np.mean([r[4] for r in sel])
+            cols = [[r[0][0] for r in sel], [r[1][0] for r in sel], [r[1][1] for r in sel], [r[2][0] for r in sel]]
+            med = [statistics.median(c) / 1e3 for c in cols]
+            mean = [np.mean(c) / 1e3 for c in cols]
+            cons = np.mean([r[1][2] for r in sel])
             print(f"| {batch} | {kind} | {len(sel)} | {cons:.1f} | {model_ms:.1f} | {med[0]:.0f} ({mean[0]:.0f}) | "
                   f"{med[1]:.0f} ({mean[1]:.0f}) | {med[2]:.0f} ({mean[2]:.0f}) | {med[3]:.0f} ({mean[3]:.0f}) | "
                   f"{med[0] / med[1]:.1f}x | {100 * med[1] / 1e3 / model_ms:.2f}% |", flush=True)

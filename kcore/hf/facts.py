@@ -399,8 +399,9 @@ class FactLogitsProcessor(_LogitsProcessorBase):
 
     def _advance(self, input_ids: torch.Tensor) -> None:
         tr = self._tracker
-        tail = input_ids[:, -self._tail:] if input_ids.device.type == "cpu" else input_ids[:, -self._tail:].cpu()
-        rows = tail.numpy()
+        # CPU: a zero-copy numpy view of the whole tensor (rows are read from the end only);
+        # other devices: one transfer of the last few columns.
+        rows = input_ids.numpy() if input_ids.device.type == "cpu" else input_ids[:, -self._tail:].cpu().numpy()
         end = rows.shape[1]
         pending: list = []
         nodes = []
@@ -464,7 +465,7 @@ class FactLogitsProcessor(_LogitsProcessorBase):
         if scores.device.type == "cpu" and scores.dtype == torch.float32 and scores.stride(1) == 1:
             view = scores.numpy()
             best = view.max(axis=1) if all_rows else view[rows].max(axis=1)
-            bad = np.flatnonzero(np.isneginf(best))
+            bad = np.flatnonzero(best == -np.inf)
         else:
             best = (scores if all_rows else scores[idx.to(scores.device)]).amax(dim=1)
             bad = torch.nonzero(torch.isneginf(best)).flatten().cpu().numpy()
