@@ -269,28 +269,28 @@ class _FactTracker:
                 offsets.append(len(ids))
             written_offsets = np.asarray(offsets, dtype=np.int64)
             written_ids = np.asarray(ids, dtype=np.int64)
-        complete = self.trie.is_complete(states)
+        complete = self.trie.is_complete(states).tolist()
         # A complete state's own fact id is only needed to track written facts: ask for the ids
         # of the complete rows only (usually none).
-        first = np.full(n, -1, dtype=np.int64)
-        if self.avoid_duplicates and complete.any():
-            done = np.flatnonzero(complete)
-            first[done] = self.trie.fact_range(states[done])[0]
+        first = [-1] * n
+        done = [i for i in range(n) if complete[i]] if self.avoid_duplicates else []
+        if done:
+            for i, f in zip(done, self.trie.fact_range(states[done])[0].tolist()):
+                first[i] = f
         if bitmask is not None:
             self.trie.fill_bitmask(states, bitmask, written_offsets=written_offsets, written_ids=written_ids)
-            any_allowed = bitmask.any(axis=1)
-        else:
-            any_allowed = None
-        complete = complete.tolist()
-        first = first.tolist()
         w0, b0 = self.term[0] >> 5, np.uint32(1 << (self.term[0] & 31))
         words = bitmask.view(np.uint32) if bitmask is not None else None
         for i, nd in enumerate(nodes):
             if nd.mode == _FACT:
                 nd.first = first[i]
-                nd.term_ok = bool(complete[i]) and nd.state >= 0 and not (self.avoid_duplicates and first[i] in nd.written)
-                if any_allowed is not None:
-                    nd.dead_end = not nd.term_ok and not any_allowed[i]
+                nd.term_ok = complete[i] and nd.state >= 0 and not (self.avoid_duplicates and first[i] in nd.written)
+                if words is not None:
+                    # A live trie state always has a continuation or is a whole fact, so only a
+                    # dead state, or written facts masking every branch, leave nothing allowed.
+                    nd.dead_end = not nd.term_ok and (
+                        nd.state < 0 or (self.avoid_duplicates and bool(nd.written) and not bitmask[i].any())
+                    )
                     if nd.term_ok or nd.dead_end:
                         words[i, w0] |= b0
             elif nd.mode == _TERM and words is not None:
@@ -464,12 +464,10 @@ class FactLogitsProcessor(_LogitsProcessorBase):
         # give its allowed tokens score 0 instead (rare; found by one max per constrained row).
         if scores.device.type == "cpu" and scores.dtype == torch.float32 and scores.stride(1) == 1:
             view = scores.numpy()
-            best = view.max(axis=1) if all_rows else view[rows].max(axis=1)
-            bad = np.flatnonzero(best == -np.inf)
+            best = (view.max(axis=1) if all_rows else view[rows].max(axis=1)).tolist()
         else:
-            best = (scores if all_rows else scores[idx.to(scores.device)]).amax(dim=1)
-            bad = torch.nonzero(torch.isneginf(best)).flatten().cpu().numpy()
-        for b in bad.tolist():
+            best = (scores if all_rows else scores[idx.to(scores.device)]).amax(dim=1).tolist()
+        for b in [k for k, v in enumerate(best) if v == float("-inf")]:
             r = rows[b]
             allowed = torch.from_numpy(_unpack(bitmask[r], scores.shape[1])).to(scores.device)
             scores[r, allowed] = 0
