@@ -183,3 +183,45 @@ def test_mlp_memory_processor_equals_formula(tiny, store, prompt):
     p_mem[:, mem.token_ids] = local
     ref = (0.7 * torch.softmax(logits.double(), -1) + 0.3 * p_mem).log()
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_cli_build_datastore_and_perplexity(tiny, tmp_path, capsys):
+    from kcore.cli import main
+    from kcore.cli.perplexity import knn_target_logprob
+
+    model, tok = tiny
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    train, test = tmp_path / "train.txt", tmp_path / "test.txt"
+    train.write_text("\n".join(corpus(10, seed=3)))
+    test_docs = corpus(3, seed=4)
+    test.write_text("\n".join(test_docs))
+    assert main(["build-datastore", "--model", str(folder), "--text", str(train), "--docs", "line",
+                 "--out", str(tmp_path / "ds"), "--max-length", "32"]) == 0
+    capsys.readouterr()
+    assert main(["perplexity", "--model", str(folder), "--text", str(test), "--docs", "line", "--knn",
+                 str(tmp_path / "ds"), "--k", "8", "--lmbda", "0.3", "--temperature", "2"]) == 0
+    out = capsys.readouterr().out
+    lines = dict(line.split(": ", 1) for line in out.strip().splitlines())
+    # Independent figures: the model's own loss, and the brute-force kNN-LM mixture per token.
+    ds = Datastore.load(tmp_path / "ds")
+    nll_base, nll_knn, n = 0.0, 0.0, 0
+    for text in test_docs:
+        ids = torch.tensor([tok(text)["input_ids"]])
+        seen = {}
+        h = model.model.layers[-1].mlp.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]))
+        with torch.no_grad():
+            logits = model(ids).logits[0, :-1]
+        h.remove()
+        ref = _reference(ds, seen["x"][0, :-1].float(), logits, 8, 0.3, 2.0)
+        tgt = ids[0, 1:]
+        nll_base -= torch.log_softmax(logits.double(), -1).gather(1, tgt[:, None]).sum().item()
+        nll_knn -= ref.gather(1, tgt[:, None]).sum().item()
+        n += len(tgt)
+    assert int(lines["tokens"]) == n
+    assert abs(float(lines["perplexity (model)"]) - math.exp(nll_base / n)) < 2e-3
+    assert abs(float(lines["perplexity (kNN-LM, k=8, lmbda=0.3, T=2.0)"]) - math.exp(nll_knn / n)) < 2e-2
+    # knn_target_logprob of a padded row is -inf, never NaN
+    lp = knn_target_logprob(torch.full((1, 2), math.inf), torch.full((1, 2), -1), torch.tensor([3]), 1.0)
+    assert lp.item() == -math.inf
