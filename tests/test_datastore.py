@@ -315,3 +315,27 @@ def test_smollm2_keys_match_hidden_states(smollm2, tmp_path):
     finally:
         h.remove()
     Datastore.load(ds.path, tokenizer=tok, hidden_size=576)
+
+
+def test_gpt2_family(texts, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=128)).eval()
+    short = texts[:3]
+    seen = {}
+    h = model.transformer.h[-1].mlp.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]))
+    ds = Datastore.build(model, tok, short, tmp_path / "g", max_length=64, dtype=torch.float32, progress=False)
+    h.remove()
+    assert ds.layer == 1 and ds.dim == 32
+    row = 0
+    for text in short:
+        ids = tok(text)["input_ids"]
+        h = model.transformer.h[-1].mlp.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]))
+        with torch.no_grad():
+            model(torch.tensor([ids]))
+        h.remove()
+        n = len(ids) - 1
+        torch.testing.assert_close(ds.keys[row : row + n], seen["x"][0, :n], atol=1e-5, rtol=1e-5)
+        row += n
