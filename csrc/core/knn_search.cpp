@@ -54,49 +54,114 @@ void widen_block(const void* keys, int64_t first, int64_t rows, int64_t dim, int
   const int64_t full = dim / simd::kLanes * simd::kLanes;
   for (int64_t r = 0; r < rows; ++r) {
     float* out = dst + r * dp;
-    v16f acc{};
+    // Four partial sums: one FMA chain would stall on its latency for every vector.
+    v16f acc[4] = {};
     if constexpr (DT == KnnDType::F32) {
       const float* src = static_cast<const float*>(keys) + (first + r) * stride;
-      for (int64_t i = 0; i < full; i += simd::kLanes) {
+      int64_t i = 0;
+      for (; i + 4 * simd::kLanes <= full; i += 4 * simd::kLanes) {
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; ++u) {
+          v16f v = simd::load(src + i + u * simd::kLanes);
+          acc[u] += v * v;
+          simd::store(out + i + u * simd::kLanes, v);
+        }
+      }
+      for (; i < full; i += simd::kLanes) {
         v16f v = simd::load(src + i);
-        acc += v * v;
+        acc[0] += v * v;
         simd::store(out + i, v);
       }
       for (int64_t i = full; i < dim; ++i) out[i] = src[i];
     } else {
       const uint16_t* src = static_cast<const uint16_t*>(keys) + (first + r) * stride;
-      for (int64_t i = 0; i < full; i += simd::kLanes) {
+      int64_t i = 0;
+      for (; i + 4 * simd::kLanes <= full; i += 4 * simd::kLanes) {
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; ++u) {
+          const uint16_t* p = src + i + u * simd::kLanes;
+          v16f v = DT == KnnDType::F16 ? simd::load_f16(p) : simd::load_bf16(p);
+          acc[u] += v * v;
+          simd::store(out + i + u * simd::kLanes, v);
+        }
+      }
+      for (; i < full; i += simd::kLanes) {
         v16f v = DT == KnnDType::F16 ? simd::load_f16(src + i) : simd::load_bf16(src + i);
-        acc += v * v;
+        acc[0] += v * v;
         simd::store(out + i, v);
       }
       for (int64_t i = full; i < dim; ++i)
         out[i] = DT == KnnDType::F16 ? simd::f16_to_float(src[i]) : simd::bf16_to_float(src[i]);
     }
-    float norm = simd::hsum(acc);
+    float norm = simd::hsum((acc[0] + acc[1]) + (acc[2] + acc[3]));
     for (int64_t i = full; i < dim; ++i) norm += out[i] * out[i];
     for (int64_t i = dim; i < dp; ++i) out[i] = 0.f;
     norms[r] = norm;
   }
 }
 
-// out[qi * out_stride + kj] = <q_qi, x_kj> for QT queries x 4 keys, rows of dp floats (dp % 16 == 0).
-template <int QT>
+// out[qi * out_stride + kj] = <q_qi, x_kj> for QT queries x KT keys, rows of dp floats
+// (dp % 16 == 0). QT * KT independent accumulators hide the FMA latency.
+template <int QT, int KT>
 inline void dot_tile(const float* q, const float* x, int64_t dp, float* out, int64_t out_stride) {
-  v16f acc[QT][4] = {};
+  v16f acc[QT][KT] = {};
   for (int64_t i = 0; i < dp; i += simd::kLanes) {
-    v16f xv[4];
-#pragma GCC unroll 4
-    for (int kj = 0; kj < 4; ++kj) xv[kj] = simd::load(x + kj * dp + i);
+    v16f xv[KT];
+#pragma GCC unroll 16
+    for (int kj = 0; kj < KT; ++kj) xv[kj] = simd::load(x + kj * dp + i);
 #pragma GCC unroll 4
     for (int qi = 0; qi < QT; ++qi) {
       v16f qv = simd::load(q + qi * dp + i);
-#pragma GCC unroll 4
-      for (int kj = 0; kj < 4; ++kj) acc[qi][kj] += qv * xv[kj];
+#pragma GCC unroll 16
+      for (int kj = 0; kj < KT; ++kj) acc[qi][kj] += qv * xv[kj];
     }
   }
+  static_assert(QT * KT <= 16, "one hsum16 per tile");
+  v16f flat[16] = {};
   for (int qi = 0; qi < QT; ++qi)
-    for (int kj = 0; kj < 4; ++kj) out[qi * out_stride + kj] = simd::hsum(acc[qi][kj]);
+    for (int kj = 0; kj < KT; ++kj) flat[qi * KT + kj] = acc[qi][kj];
+  const v16f sums = simd::hsum16(flat);
+  for (int qi = 0; qi < QT; ++qi)
+    for (int kj = 0; kj < KT; ++kj) out[qi * out_stride + kj] = sums[qi * KT + kj];
+}
+
+template <KnnDType DT>
+inline v16f load_key(const void* keys, int64_t offset) {
+  if constexpr (DT == KnnDType::F32) return simd::load(static_cast<const float*>(keys) + offset);
+  else if constexpr (DT == KnnDType::F16) return simd::load_f16(static_cast<const uint16_t*>(keys) + offset);
+  else return simd::load_bf16(static_cast<const uint16_t*>(keys) + offset);
+}
+
+// Few queries: the job is streaming the keys, so they are widened in registers and used at once
+// (no buffer round trip): dots[qi * kKeyBlock + kj] = <q_qi, x_kj> and norms[kj] = ||x_kj||^2
+// for KT keys starting at row `first`. Needs dim % 16 == 0.
+template <KnnDType DT, int QT, int KT>
+inline void direct_tile(const float* q, int64_t dp, const void* keys, int64_t first, int64_t stride, float* dots,
+                        float* norms) {
+  static_assert(QT * KT + KT <= 16, "one hsum16 per tile");
+  v16f acc[QT][KT] = {}, nacc[KT] = {};
+  for (int64_t i = 0; i < dp; i += simd::kLanes) {
+    v16f xv[KT];
+#pragma GCC unroll 8
+    for (int kj = 0; kj < KT; ++kj) {
+      xv[kj] = load_key<DT>(keys, (first + kj) * stride + i);
+      nacc[kj] += xv[kj] * xv[kj];
+    }
+#pragma GCC unroll 2
+    for (int qi = 0; qi < QT; ++qi) {
+      v16f qv = simd::load(q + qi * dp + i);
+#pragma GCC unroll 8
+      for (int kj = 0; kj < KT; ++kj) acc[qi][kj] += qv * xv[kj];
+    }
+  }
+  v16f flat[16] = {};
+  for (int qi = 0; qi < QT; ++qi)
+    for (int kj = 0; kj < KT; ++kj) flat[qi * KT + kj] = acc[qi][kj];
+  for (int kj = 0; kj < KT; ++kj) flat[QT * KT + kj] = nacc[kj];
+  const v16f sums = simd::hsum16(flat);
+  for (int qi = 0; qi < QT; ++qi)
+    for (int kj = 0; kj < KT; ++kj) dots[qi * kKeyBlock + kj] = sums[qi * KT + kj];
+  for (int kj = 0; kj < KT; ++kj) norms[kj] = sums[QT * KT + kj];
 }
 
 // Scores of all queries against one widened block of kKeyBlock keys: dots (nq x kKeyBlock).
@@ -105,13 +170,19 @@ void block_dots(const float* qbuf, int64_t nq, int64_t dp, const float* kbuf, fl
     const int64_t qt = std::min<int64_t>(4, nq - q0);
     const float* q = qbuf + q0 * dp;
     float* out = dots + q0 * kKeyBlock;
-    for (int64_t j = 0; j < kKeyBlock; j += 4) {
-      switch (qt) {
-        case 4: dot_tile<4>(q, kbuf + j * dp, dp, out + j, kKeyBlock); break;
-        case 3: dot_tile<3>(q, kbuf + j * dp, dp, out + j, kKeyBlock); break;
-        case 2: dot_tile<2>(q, kbuf + j * dp, dp, out + j, kKeyBlock); break;
-        default: dot_tile<1>(q, kbuf + j * dp, dp, out + j, kKeyBlock); break;
-      }
+    switch (qt) {
+      case 4:
+        for (int64_t j = 0; j < kKeyBlock; j += 4) dot_tile<4, 4>(q, kbuf + j * dp, dp, out + j, kKeyBlock);
+        break;
+      case 3:
+        for (int64_t j = 0; j < kKeyBlock; j += 4) dot_tile<3, 4>(q, kbuf + j * dp, dp, out + j, kKeyBlock);
+        break;
+      case 2:
+        for (int64_t j = 0; j < kKeyBlock; j += 8) dot_tile<2, 8>(q, kbuf + j * dp, dp, out + j, kKeyBlock);
+        break;
+      default:
+        for (int64_t j = 0; j < kKeyBlock; j += 16) dot_tile<1, 16>(q, kbuf + j * dp, dp, out + j, kKeyBlock);
+        break;
     }
   }
 }
@@ -125,9 +196,18 @@ void search_range(const float* qbuf, int64_t nq, int64_t dim, int64_t dp, const 
   const bool l2 = metric == KnnMetric::L2;
   for (int64_t first = begin; first < end; first += kKeyBlock) {
     const int64_t rows = std::min(kKeyBlock, end - first);
-    if (rows < kKeyBlock) std::fill(kbuf.begin() + rows * dp, kbuf.end(), 0.f);
-    widen_block<DT>(keys, first, rows, dim, dp, stride, kbuf.data(), norms.data());
-    block_dots(qbuf, nq, dp, kbuf.data(), dots.data());
+    if (nq <= 2 && dim == dp && rows == kKeyBlock) {
+      for (int64_t j = 0; j < kKeyBlock; j += (nq == 1 ? 8 : 4)) {
+        if (nq == 1)
+          direct_tile<DT, 1, 8>(qbuf, dp, keys, first + j, stride, dots.data() + j, norms.data() + j);
+        else
+          direct_tile<DT, 2, 4>(qbuf, dp, keys, first + j, stride, dots.data() + j, norms.data() + j);
+      }
+    } else {
+      if (rows < kKeyBlock) std::fill(kbuf.begin() + rows * dp, kbuf.end(), 0.f);
+      widen_block<DT>(keys, first, rows, dim, dp, stride, kbuf.data(), norms.data());
+      block_dots(qbuf, nq, dp, kbuf.data(), dots.data());
+    }
     for (int64_t q = 0; q < nq; ++q) {
       TopK& t = tops[static_cast<size_t>(q)];
       const float* d = dots.data() + q * kKeyBlock;

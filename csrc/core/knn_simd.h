@@ -43,6 +43,26 @@ inline float hmax(v16f v) {
 
 inline v16f vmax(v16f a, v16f b) { return a > b ? a : b; }
 
+// Horizontal sums of 16 vectors at once: result lane j = sum of the lanes of v[j]. A tree of
+// 15 shuffle-add steps (instead of 16 separate reductions, which cost more than a short dot
+// product). Each step folds the upper half of every lane block onto the lower half, interleaving
+// two vectors; after four steps lane L holds the sum of v[bitreverse4(L)], undone at the end.
+inline v16f hsum16(const v16f* v) {
+  v16f a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i)
+    a[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(v[2 * i], v[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  for (int i = 0; i < 4; ++i)
+    b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
+           __builtin_shufflevector(a[2 * i], a[2 * i + 1], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int i = 0; i < 2; ++i)
+    c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
+           __builtin_shufflevector(b[2 * i], b[2 * i + 1], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+  v16f d = __builtin_shufflevector(c[0], c[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
+           __builtin_shufflevector(c[0], c[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+  return __builtin_shufflevector(d, d, 0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15);
+}
+
 // IEEE binary16 -> binary32 without hardware support (only used in portable builds).
 inline float half_to_float_soft(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
@@ -69,7 +89,9 @@ inline float half_to_float_soft(uint16_t h) {
 // 16 consecutive fp16 values -> fp32 (exact).
 inline v16f load_f16(const uint16_t* p) {
 #if defined(__AVX512F__)
-  __m512 r = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  // The masked form with a zero source: the plain intrinsic trips a GCC 12 -Wmaybe-uninitialized.
+  __m512 r = _mm512_mask_cvtph_ps(_mm512_setzero_ps(), static_cast<__mmask16>(0xffff),
+                                  _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   v16f v;
   std::memcpy(&v, &r, sizeof(v));
   return v;
