@@ -20,6 +20,7 @@ the long untimed stages do not block other benchmarks:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -134,9 +135,11 @@ def main():
         Datastore.build(model, tok, split["train"], work / "train_ds", batch_size=8, max_length=args.max_length)
         log(f"datastore built in {time.perf_counter() - t:.0f} s")
     ds = Datastore.load(work / "train_ds", tokenizer=tok, hidden_size=model.config.hidden_size)
-    sts = {}
+    sts, tags = {}, {}
     for name in ("dev", "test"):
-        f = work / f"{name}_states.pt"
+        # caches are keyed by the documents they come from
+        tags[name] = hashlib.sha256("\n".join(split[name]).encode()).hexdigest()[:10]
+        f = work / f"{name}_states_{tags[name]}.pt"
         if not f.exists():
             torch.save(states(model, tok, split[name], args.max_length), f)
         sts[name] = torch.load(f)
@@ -147,7 +150,7 @@ def main():
     # -- 2. kNN-LM: neighbours once, lmbda x temperature grid on dev ----------------------------
     nbs = {}
     for name in ("dev", "test"):
-        f = work / f"{name}_nb_k{args.k}.pt"
+        f = work / f"{name}_nb_k{args.k}_{tags[name]}.pt"
         if not f.exists():
             t = time.perf_counter()
             torch.save(neighbours(ds, sts[name]["keys"], args.k), f)
