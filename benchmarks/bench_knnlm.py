@@ -55,10 +55,11 @@ def states(model, tok, texts, max_length):
     return {n: torch.cat([getattr(p, n) for p in parts])[order] for n in ("keys", "targets", "lm_logprobs", "lm_entropy")}
 
 
-def neighbours(ds, keys, k, batch=256):
+def neighbours(ds, keys, k, batch=256, **search):
+    search = search or {"exact": True, "backend": "cpu"}
     dists, tokens = [], []
     for i in range(0, keys.shape[0], batch):
-        d, ids = ds.search(keys[i : i + batch], k, exact=True, backend="cpu")
+        d, ids = ds.search(keys[i : i + batch], k, **search)
         dists.append(d)
         tokens.append(ds.neighbour_tokens(ids).to(torch.int32))
     return {"dists": torch.cat(dists), "tokens": torch.cat(tokens)}
@@ -117,6 +118,7 @@ def main():
     ap.add_argument("--gen-prompts", type=int, default=4)
     ap.add_argument("--gen-tokens", type=int, default=32)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--index", action="store_true", help="also measure kNN-LM with a faiss IVF-PQ index")
     ap.add_argument("--lock", default="/tmp/kcore_bench.lock", help="flock file held while timing ('' for none)")
     args = ap.parse_args()
     work = Path(args.work)
@@ -233,6 +235,32 @@ def main():
                                       "mlp_weights_fp32": 4 * sum(p.numel() for p in mem.parameters())}
     res["cost"] = cost
     log(f"cost per token: {json.dumps(cost)}")
+
+    # -- 4b. approximate search: faiss IVF-PQ (kNN-LM's setting), with and without exact re-ranking
+    if args.index:
+        import shutil
+
+        idx_dir = work / "train_ds_ivfpq"
+        if not (idx_dir / "index.json").exists():
+            shutil.rmtree(idx_dir, ignore_errors=True)
+            shutil.copytree(work / "train_ds", idx_dir)
+            lock.__exit__()
+            t = time.perf_counter()
+            Datastore.load(idx_dir).build_index(nlist=256, m=64, nbits=8)
+            res["index_build_seconds"] = time.perf_counter() - t
+            lock = BenchLock(args.lock).__enter__()
+        ids_ = Datastore.load(idx_dir)
+        res["ivfpq"] = {"factory": ids_._index_meta["factory"], "nprobe": 32}
+        for rerank in (False, True):
+            nb = neighbours(ids_, sts["test"]["keys"], args.k, nprobe=32, rerank=rerank)
+            p = ppl(mix_target_logprob(sts["test"]["lm_logprobs"], knn_logprob(sts["test"], nb, T_best), lm_best))
+            row = {"test_ppl": p}
+            for nq in (1, 64):
+                q = q_all[:nq].contiguous()
+                row[f"ms_per_token_nq{nq}"] = 1e3 * time_it(lambda: ids_.search(q, args.k, nprobe=32, rerank=rerank),
+                                                            20 if nq == 1 else 5) / nq
+            res["ivfpq"]["rerank" if rerank else "pq_distances"] = row
+        log(f"IVF-PQ: {json.dumps(res['ivfpq'])}")
 
     # -- 5. generation tokens/s ------------------------------------------------------------------
     from kcore.hf import KNNLMLogitsProcessor, MLPMemoryLogitsProcessor

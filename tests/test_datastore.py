@@ -339,3 +339,15 @@ def test_gpt2_family(texts, tmp_path):
         n = len(ids) - 1
         torch.testing.assert_close(ds.keys[row : row + n], seen["x"][0, :n], atol=1e-5, rtol=1e-5)
         row += n
+
+
+def test_split_documents_by_document_without_leaks():
+    from kcore.corpus import split_documents
+
+    docs = [f"doc {i}" for i in range(50)] + ["doc 3", "doc 7", "doc 7"]
+    s = split_documents(docs, dev=0.2, test=0.2, seed=1)
+    assert set(s["train"]).isdisjoint(s["dev"]) and set(s["train"]).isdisjoint(s["test"])
+    assert set(s["dev"]).isdisjoint(s["test"])
+    assert len(s["dev"]) == len(set(s["dev"])) and len(s["test"]) == len(set(s["test"]))
+    assert set(s["train"]) | set(s["dev"]) | set(s["test"]) == set(docs)
+    assert s == split_documents(docs, dev=0.2, test=0.2, seed=1)
