@@ -84,3 +84,19 @@ def test_bad_arguments(store):
     with pytest.raises(InvalidInputError, match="hidden must have shape"):
         mem.log_probs(torch.zeros(2, 9))
     assert mem.flops_per_token() == 2 * (8 * 4 + 4 * 16 + 16 * 4 + 4 * 10)
+
+
+def test_validate_keeps_best_epoch(store):
+    scores = iter([3.0, 1.0, 2.0])
+    seen = []
+
+    def validate(model):
+        seen.append({k: v.clone() for k, v in model.state_dict().items()})
+        return next(scores)
+
+    mem, hist = train_mlp_memory(store, k=4, temperature=4.0, epochs=3, batch_size=128, width=16, depth=1,
+                                 progress=False, validate=validate)
+    assert [h.get("val") for h in hist] == [None, 3.0, 1.0, 2.0]
+    assert mem.config["meta"]["best_epoch"] == 2
+    for k, v in mem.state_dict().items():
+        assert torch.equal(v, seen[1][k])

@@ -237,6 +237,7 @@ def train_mlp_memory(
     backend: str = "auto",
     progress: bool = True,
     callback: Optional[Callable[[dict], None]] = None,
+    validate: Optional[Callable[["MLPMemory"], float]] = None,
     targets=None,
 ):
     """Train an :class:`MLPMemory` on a datastore to imitate its kNN-LM distribution.
@@ -257,12 +258,15 @@ def train_mlp_memory(
         backend: backend of the kNN search.
         progress: print one line per epoch (loss, KL, CE, seconds).
         callback: called with each epoch's stats dict.
+        validate: called after each epoch with the model (eval mode, no grad); returns a held-out
+            score, lower is better (e.g. dev perplexity of the mixture), recorded as ``val``; the
+            weights of the best epoch are restored at the end (early stopping).
         targets: precomputed ``knn_targets(...)`` result (skips the search).
 
     Returns:
         ``(mlp_memory, history)``: the trained model (eval mode, CPU) and one stats dict per epoch
-        (``epoch``, ``loss``, ``kl``, ``ce``, ``seconds``) plus an initial ``epoch=0`` entry
-        measured before training.
+        (``epoch``, ``loss``, ``kl``, ``ce``, ``seconds``, with ``validate`` also ``val``) plus an
+        initial ``epoch=0`` entry measured before training.
 
     Raises:
         InvalidInputError: bad arguments.
@@ -323,6 +327,7 @@ def train_mlp_memory(
         print(f"MLP Memory: {sum(p.numel() for p in model.parameters())/1e6:.2f} M parameters, "
               f"{len(token_ids)} outputs; before training loss {loss0:.4f} (KL {kl0:.4f}, CE {ce0:.4f})", flush=True)
     model.train()
+    best = None
     for epoch in range(1, epochs + 1):
         t0 = time.perf_counter()
         total = kl_sum = ce_sum = 0.0
@@ -340,10 +345,23 @@ def train_mlp_memory(
         stats = {"epoch": epoch, "loss": total / n, "kl": kl_sum / n, "ce": ce_sum / n,
                  "seconds": time.perf_counter() - t0}
         history.append(stats)
+        if validate is not None:
+            model.eval()
+            with torch.no_grad():
+                stats["val"] = float(validate(model))
+            model.train()
+            if best is None or stats["val"] < best[0]:
+                best = (stats["val"], epoch, {k_: v.detach().clone() for k_, v in model.state_dict().items()})
         if progress:
             print(f"MLP Memory epoch {epoch}/{epochs}: loss {stats['loss']:.4f} (KL {stats['kl']:.4f}, "
-                  f"CE {stats['ce']:.4f}) {stats['seconds']:.1f} s", flush=True)
+                  f"CE {stats['ce']:.4f})" + (f" val {stats['val']:.4f}" if "val" in stats else "")
+                  + f" {stats['seconds']:.1f} s", flush=True)
         if callback is not None:
             callback(stats)
+    if best is not None:
+        model.load_state_dict(best[2])
+        model.config["meta"]["best_epoch"] = best[1]
+        if progress:
+            print(f"MLP Memory: kept epoch {best[1]} (val {best[0]:.4f})", flush=True)
     model.eval()
     return model, history
