@@ -80,15 +80,25 @@ def knn_logprob(st, nb, T, chunk=2048):
 class BenchLock:
     """Exclusive flock on a file for the timed stages (no-op without a path)."""
 
-    def __init__(self, path):
-        self.path = path
+    def __init__(self, path, timeout_s=900.0):
+        self.path, self.timeout_s, self.acquired = path, timeout_s, False
 
     def __enter__(self):
         if self.path:
             import fcntl
 
             self.f = open(self.path, "a")
-            fcntl.flock(self.f, fcntl.LOCK_EX)
+            deadline = time.monotonic() + self.timeout_s
+            while True:
+                try:
+                    fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    self.acquired = True
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        log(f"benchmark lock {self.path} not acquired after {self.timeout_s:.0f} s: timing anyway")
+                        break
+                    time.sleep(2)
         return self
 
     def __exit__(self, *exc):
@@ -115,10 +125,14 @@ def main():
     ap.add_argument("--mlp-width", type=int, default=256)
     ap.add_argument("--mlp-depth", type=int, default=2)
     ap.add_argument("--max-length", type=int, default=512)
-    ap.add_argument("--gen-prompts", type=int, default=4)
-    ap.add_argument("--gen-tokens", type=int, default=32)
+    ap.add_argument("--gen-prompts", type=int, default=2)
+    ap.add_argument("--gen-tokens", type=int, default=24)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--index", action="store_true", help="also measure kNN-LM with a faiss IVF-PQ index")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads in the timed stages (1: a shared machine makes OpenMP barriers stall)")
+    ap.add_argument("--gen-rounds", type=int, default=3, help="interleaved rounds of the generation timing")
+    ap.add_argument("--lock-timeout", type=float, default=900.0, help="seconds to wait for the lock")
     ap.add_argument("--lock", default="/tmp/kcore_bench.lock", help="flock file held while timing ('' for none)")
     args = ap.parse_args()
     work = Path(args.work)
@@ -216,7 +230,9 @@ def main():
 
     cost = {}
     q_all = sts["test"]["keys"]
-    lock = BenchLock(args.lock).__enter__()
+    torch.set_num_threads(args.threads)
+    lock = BenchLock(args.lock, args.lock_timeout).__enter__()
+    res["timing"] = {"torch_threads": args.threads, "bench_lock_held": lock.acquired}
     for nq in (1, 64):
         q = q_all[:nq].contiguous()
         # correctness first: the cpu backend equals the torch reference on these queries
@@ -248,7 +264,7 @@ def main():
             t = time.perf_counter()
             Datastore.load(idx_dir).build_index(nlist=256, m=64, nbits=8)
             res["index_build_seconds"] = time.perf_counter() - t
-            lock = BenchLock(args.lock).__enter__()
+            lock = BenchLock(args.lock, args.lock_timeout).__enter__()
         ids_ = Datastore.load(idx_dir)
         res["ivfpq"] = {"factory": ids_._index_meta["factory"], "nprobe": 32}
         for rerank in (False, True):
@@ -279,18 +295,27 @@ def main():
             new += out.shape[1] - ids.shape[1]
         return new / (time.perf_counter() - t)
 
+    variants = {
+        "plain": lambda: None,
+        "knn_lm": lambda: KNNLMLogitsProcessor(model, ds, k=args.k, lmbda=lm_best, temperature=T_best),
+        "knn_lm_adaptive": lambda: KNNLMLogitsProcessor(model, ds, k=args.k, lmbda=lm_best, temperature=T_best,
+                                                        adaptive_entropy=thr),
+        "mlp_memory": lambda: MLPMemoryLogitsProcessor(model, mem, lmbda=lm_mlp),
+    }
     run([])  # warm-up
-    gen["plain"] = run([])
-    knn = KNNLMLogitsProcessor(model, ds, k=args.k, lmbda=lm_best, temperature=T_best)
-    gen["knn_lm"] = run([knn])
-    knn.remove()
-    ada = KNNLMLogitsProcessor(model, ds, k=args.k, lmbda=lm_best, temperature=T_best, adaptive_entropy=thr)
-    gen["knn_lm_adaptive"] = run([ada])
-    gen["adaptive_skipped_share"] = ada.skipped_share
-    ada.remove()
-    mp = MLPMemoryLogitsProcessor(model, mem, lmbda=lm_mlp)
-    gen["mlp_memory"] = run([mp])
-    mp.remove()
+    rates = {name: [] for name in variants}
+    # Interleaved rounds, median per variant: slow drifts of a shared machine hit all variants alike.
+    for _ in range(args.gen_rounds):
+        for name, make in variants.items():
+            proc = make()
+            rates[name].append(run([proc] if proc is not None else []))
+            if proc is not None:
+                if name == "knn_lm_adaptive":
+                    gen["adaptive_skipped_share"] = proc.skipped_share
+                proc.remove()
+    for name, r in rates.items():
+        gen[name] = statistics.median(r)
+        gen[f"{name}_vs_plain"] = statistics.median(r) / statistics.median(rates["plain"])
     lock.__exit__()
     res["generation_tokens_per_s"] = gen
     log(f"generation tokens/s: {json.dumps(gen)}")
