@@ -114,15 +114,21 @@ def test_knn_search_cpu_query_dtypes_and_views(qdtype):
         check_knn(queries.float(), keys.float(), 20, metric, dists, ids)
 
 
-def test_knn_search_ties_and_duplicates():
-    keys = torch.zeros(50, 64)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("num_queries", [2, 8])  # 8: the bf16 bound-and-rescore path of the cpu backend
+def test_knn_search_ties_and_duplicates(dtype, num_queries):
+    keys = torch.zeros(5000, 64)
     keys[10:20] = 1.0  # ten identical keys
-    queries = torch.ones(2, 64)
+    keys[2000:4500] = 0.5  # many identical keys: the candidate buffers must grow
+    keys = keys.to(dtype)
+    queries = torch.ones(num_queries, 64)
     for backend in ("torch", "cpu"):
         dists, ids = knn_search(queries, keys, 12, backend=backend)
-        check_knn(queries, keys, 12, "l2", dists, ids)
+        check_knn(queries, keys.float(), 12, "l2", dists, ids)
         assert set(ids[0, :10].tolist()) == set(range(10, 20))
         assert torch.equal(dists[0, :10], torch.zeros(10))
+        dists, ids = knn_search(queries * 0.5, keys, 3000, backend=backend)
+        check_knn(queries * 0.5, keys.float(), 3000, "l2", dists, ids)
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
@@ -344,12 +350,19 @@ def test_knn_custom_ops_opcheck():
 # ----------------------------------------------------------------------------------------------
 
 
+TRITON_SEARCH_CASES = [
+    # (num_queries, num_keys, dim, k, key dtype, metric): the interpreter is slow, sizes are small
+    (1, 300, 64, 8, torch.float16, "l2"),  # several tiles per chunk and several chunks
+    (3, 50, 80, 100, torch.bfloat16, "ip"),  # k > num_keys: padding; dim not a tile multiple
+    (2, 40, 72, 1, torch.float32, "l2"),
+    (4, 130, 64, 16, torch.float32, "ip"),
+]
+
+
 @needs_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("metric", ["l2", "ip"])
-@pytest.mark.parametrize("case", [(1, 100, 64, 8), (3, 257, 80, 300), (2, 40, 72, 1)], ids=lambda c: "q{}-n{}-d{}-k{}".format(*c))
-def test_knn_search_triton(dtype, metric, case):
-    nq, n, d, k = case
+@pytest.mark.parametrize("case", TRITON_SEARCH_CASES, ids=lambda c: "q{}-n{}-d{}-k{}-{}-{}".format(*c))
+def test_knn_search_triton(case):
+    nq, n, d, k, dtype, metric = case
     g = torch.Generator().manual_seed(n + d)
     keys = torch.randn(n, d, generator=g).to(dtype)
     queries = torch.randn(nq, d, generator=g)
@@ -366,3 +379,19 @@ def test_knn_interpolate_triton(logits_dtype, lmbda):
     check_interp(out, oracle_interpolate(logits.float(), dists, values, lmbda, 5.0, "l2"), atol=2e-5)
     out = knn_interpolate(logits, dists, values.int(), lmbda=lmbda, temperature=5.0, metric="ip", backend="triton")
     check_interp(out, oracle_interpolate(logits.float(), dists, values, lmbda, 5.0, "ip"), atol=2e-5)
+
+
+@needs_triton
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_knn_triton_cuda_matches_reference():
+    """On a GPU: the triton backend on CUDA tensors (auto picks it) against the fp32 oracle."""
+    g = torch.Generator().manual_seed(21)
+    for dtype in (torch.float16, torch.bfloat16):
+        keys = torch.randn(3000, 576, generator=g).to(dtype)
+        queries = torch.randn(5, 576, generator=g)
+        for metric, k in (("l2", 40), ("ip", 1024)):
+            dists, ids = knn_search(queries.cuda(), keys.cuda(), k, metric=metric)
+            check_knn(queries, keys.float(), k, metric, dists.cpu(), ids.cpu())
+    logits, dists, values = _interp_inputs(4, 49152, 1024, torch.bfloat16, torch.int64, seed=3)
+    out = knn_interpolate(logits.cuda(), dists.cuda(), values.cuda(), lmbda=0.25, temperature=7.0)
+    check_interp(out.cpu(), oracle_interpolate(logits.float(), dists, values, 0.25, 7.0, "l2"), atol=2e-5)

@@ -46,14 +46,20 @@ inline float logit_at(const void* row, int64_t i) {
 template <KnnDType DT>
 void log_softmax_row(const void* row, int64_t vocab, float offset, float* out) {
   const int64_t full = vocab / simd::kLanes * simd::kLanes;
-  v16f vm = simd::splat(kNegInf);
-  for (int64_t i = 0; i < full; i += simd::kLanes) vm = simd::vmax(vm, load_logits<DT>(row, i));
-  float m = simd::hmax(vm);
+  constexpr int64_t kStep = 4 * simd::kLanes;  // four independent chains hide the latencies
+  const int64_t full4 = vocab / kStep * kStep;
+  v16f vm[4] = {simd::splat(kNegInf), simd::splat(kNegInf), simd::splat(kNegInf), simd::splat(kNegInf)};
+  for (int64_t i = 0; i < full4; i += kStep)
+    for (int u = 0; u < 4; ++u) vm[u] = simd::vmax(vm[u], load_logits<DT>(row, i + u * simd::kLanes));
+  for (int64_t i = full4; i < full; i += simd::kLanes) vm[0] = simd::vmax(vm[0], load_logits<DT>(row, i));
+  float m = simd::hmax(simd::vmax(simd::vmax(vm[0], vm[1]), simd::vmax(vm[2], vm[3])));
   for (int64_t i = full; i < vocab; ++i) m = std::max(m, logit_at<DT>(row, i));
   const v16f vmx = simd::splat(m);
-  v16f vs{};
-  for (int64_t i = 0; i < full; i += simd::kLanes) vs += simd::exp(load_logits<DT>(row, i) - vmx);
-  double s = simd::hsum(vs);
+  v16f vs[4] = {};
+  for (int64_t i = 0; i < full4; i += kStep)
+    for (int u = 0; u < 4; ++u) vs[u] += simd::exp(load_logits<DT>(row, i + u * simd::kLanes) - vmx);
+  for (int64_t i = full4; i < full; i += simd::kLanes) vs[0] += simd::exp(load_logits<DT>(row, i) - vmx);
+  double s = simd::hsum((vs[0] + vs[1]) + (vs[2] + vs[3]));
   for (int64_t i = full; i < vocab; ++i) s += std::exp(static_cast<double>(logit_at<DT>(row, i)) - m);
   const float shift = static_cast<float>(m + std::log(s)) - offset;
   const v16f vsh = simd::splat(shift);
@@ -61,10 +67,90 @@ void log_softmax_row(const void* row, int64_t vocab, float offset, float* out) {
   for (int64_t i = full; i < vocab; ++i) out[i] = logit_at<DT>(row, i) - shift;
 }
 
+// Per-thread scratch for one row's kNN side. `acc` (vocab floats) is all zero between rows: only
+// the neighbours' tokens are touched and they are reset after use.
+struct RowScratch {
+  std::vector<int64_t> tok, uniq;
+  std::vector<float> score;
+  std::vector<float>& acc;
+  std::vector<std::pair<int64_t, double>> pairs;
+};
+
+// Zeroed once per thread and kept: zeroing vocab floats for every call would cost about as much
+// as the kNN side itself.
+std::vector<float>& zeroed_scratch(int64_t vocab) {
+  thread_local std::vector<float> acc;
+  if (static_cast<int64_t>(acc.size()) < vocab) acc.assign(static_cast<size_t>(vocab), 0.f);
+  return acc;
+}
+
+// Exact grouping (sort by token, per-group max): used when exp(score - max) could underflow.
+void mix_knn_exact(RowScratch& w, int64_t n, float log_lmbda, float* out) {
+  auto& nb = w.pairs;
+  nb.clear();
+  double smax = -INFINITY;
+  for (int64_t j = 0; j < n; ++j) {
+    nb.emplace_back(w.tok[static_cast<size_t>(j)], w.score[static_cast<size_t>(j)]);
+    smax = std::max(smax, static_cast<double>(w.score[static_cast<size_t>(j)]));
+  }
+  double ssum = 0.0;
+  for (auto& p : nb) ssum += std::exp(p.second - smax);
+  const double c = log_lmbda - (smax + std::log(ssum));
+  std::sort(nb.begin(), nb.end());  // by token, then score ascending: the group max is last
+  for (size_t a = 0; a < nb.size();) {
+    size_t b = a;
+    while (b < nb.size() && nb[b].first == nb[a].first) ++b;
+    const double gmax = nb[b - 1].second;
+    double gsum = 0.0;
+    for (size_t j = a; j < b; ++j) gsum += std::exp(nb[j].second - gmax);
+    float& o = out[nb[a].first];
+    o = static_cast<float>(log_add_exp(static_cast<double>(o), gmax + std::log(gsum) + c));
+    a = b;
+  }
+}
+
+// Common case: all exp(score - max) are normal floats, so p_knn per token is a plain sum of them
+// (scattered into the zeroed scratch), then logaddexp'd onto the LM side 16 tokens at a time.
+void mix_knn_fast(RowScratch& w, int64_t n, float smax, float log_lmbda, float* out) {
+  // e_j = exp(score_j - max) in place, 16 at a time
+  float* sc = w.score.data();
+  int64_t j0 = 0;
+  const v16f vmx = simd::splat(smax);
+  for (; j0 + simd::kLanes <= n; j0 += simd::kLanes) simd::store(sc + j0, simd::exp(simd::load(sc + j0) - vmx));
+  for (; j0 < n; ++j0) sc[j0] = std::exp(sc[j0] - smax);
+  float ssum = 0.f;
+  w.uniq.clear();
+  for (int64_t j = 0; j < n; ++j) {
+    const float e = sc[j];
+    ssum += e;
+    float& a = w.acc[static_cast<size_t>(w.tok[static_cast<size_t>(j)])];
+    if (a == 0.f) w.uniq.push_back(w.tok[static_cast<size_t>(j)]);
+    a += e;
+  }
+  const float inv_sum = 1.f / ssum;
+  const size_t nu = w.uniq.size();
+  for (size_t u0 = 0; u0 < nu; u0 += simd::kLanes) {
+    const size_t cnt = std::min<size_t>(simd::kLanes, nu - u0);
+    v16f p = simd::splat(1.f), base = simd::splat(kNegInf);
+    for (size_t i = 0; i < cnt; ++i) {
+      const int64_t t = w.uniq[u0 + i];
+      p[i] = w.acc[static_cast<size_t>(t)] * inv_sum;
+      base[i] = out[t];
+      w.acc[static_cast<size_t>(t)] = 0.f;
+    }
+    const v16f term = simd::log(p) + log_lmbda;
+    const v16f hi = simd::vmax(base, term);
+    const v16f lo = base < term ? base : term;
+    // log(e^hi + e^lo) = hi + log(1 + e^(lo - hi)); e^(-inf) is 0 in simd::exp
+    const v16f r = hi + simd::log(1.0f + simd::exp(lo - hi));
+    for (size_t i = 0; i < cnt; ++i) out[w.uniq[u0 + i]] = r[i];
+  }
+}
+
 template <KnnDType DT, typename IdT>
 void interpolate_row(const void* row, int64_t vocab, const float* dists, const IdT* values, int64_t k,
-                     double lmbda, double inv_temp_signed, float* out, std::vector<std::pair<int64_t, double>>& nb) {
-  nb.clear();
+                     double lmbda, float score_scale, float* out, RowScratch& w) {
+  int64_t n = 0;
   for (int64_t j = 0; j < k; ++j) {
     const int64_t v = static_cast<int64_t>(values[j]);
     if (v == -1) continue;
@@ -74,34 +160,29 @@ void interpolate_row(const void* row, int64_t vocab, const float* dists, const I
     if (!std::isfinite(dists[j]))
       throw InvalidInput("dists must be finite for every valid neighbour (values >= 0), got " +
                          std::to_string(dists[j]) + " for token " + std::to_string(v));
-    nb.emplace_back(v, static_cast<double>(dists[j]) * inv_temp_signed);
+    w.tok[static_cast<size_t>(n)] = v;
+    w.score[static_cast<size_t>(n)] = dists[j] * score_scale;
+    ++n;
   }
-  if (nb.empty() || lmbda == 0.0) {
+  if (n == 0 || lmbda == 0.0) {
     log_softmax_row<DT>(row, vocab, 0.f, out);
     return;
   }
-  const float log_1m = lmbda < 1.0 ? static_cast<float>(std::log1p(-lmbda)) : kNegInf;
   if (lmbda < 1.0) {
-    log_softmax_row<DT>(row, vocab, log_1m, out);
+    log_softmax_row<DT>(row, vocab, static_cast<float>(std::log1p(-lmbda)), out);
   } else {
     std::fill(out, out + vocab, kNegInf);
   }
-  // log p_knn(w) = logsumexp_{j: v_j = w}(s_j) - logsumexp_j(s_j), one group per token.
-  double smax = -INFINITY;
-  for (auto& p : nb) smax = std::max(smax, p.second);
-  double ssum = 0.0;
-  for (auto& p : nb) ssum += std::exp(p.second - smax);
-  const double log_lmbda_minus_lse = std::log(lmbda) - (smax + std::log(ssum));
-  std::sort(nb.begin(), nb.end());  // by token, then score ascending: the group max is last
-  for (size_t a = 0; a < nb.size();) {
-    size_t b = a;
-    while (b < nb.size() && nb[b].first == nb[a].first) ++b;
-    const double gmax = nb[b - 1].second;
-    double gsum = 0.0;
-    for (size_t j = a; j < b; ++j) gsum += std::exp(nb[j].second - gmax);
-    float& o = out[nb[a].first];
-    o = static_cast<float>(log_add_exp(static_cast<double>(o), gmax + std::log(gsum) + log_lmbda_minus_lse));
-    a = b;
+  float smax = kNegInf, smin = INFINITY;
+  for (int64_t j = 0; j < n; ++j) {
+    smax = std::max(smax, w.score[static_cast<size_t>(j)]);
+    smin = std::min(smin, w.score[static_cast<size_t>(j)]);
+  }
+  const float log_lmbda = static_cast<float>(std::log(lmbda));
+  if (smin - smax > -80.f) {
+    mix_knn_fast(w, n, smax, log_lmbda, out);
+  } else {
+    mix_knn_exact(w, n, log_lmbda, out);
   }
 }
 
@@ -109,14 +190,15 @@ template <KnnDType DT, typename IdT>
 void interpolate_all(const void* logits, int64_t batch, int64_t vocab, int64_t stride, const float* dists,
                      const IdT* values, int64_t k, double lmbda, double inv_temp_signed, float* out) {
   const size_t esize = DT == KnnDType::F32 ? 4 : 2;
-  // Rows are independent; small batches run inline (a thread start costs more than a row).
-  parallel_for(batch, 8, [&](int64_t b0, int64_t b1) {
-    std::vector<std::pair<int64_t, double>> nb;
-    nb.reserve(static_cast<size_t>(k));
+  // Rows are independent; a single row runs inline (a thread start costs about as much).
+  parallel_for(batch, 2, [&](int64_t b0, int64_t b1) {
+    RowScratch w{{}, {}, {}, zeroed_scratch(vocab), {}};
+    w.tok.resize(static_cast<size_t>(k));
+    w.score.resize(static_cast<size_t>(k));
     for (int64_t b = b0; b < b1; ++b) {
       const void* row = static_cast<const char*>(logits) + static_cast<size_t>(b * stride) * esize;
-      interpolate_row<DT, IdT>(row, vocab, dists + b * k, values + b * k, k, lmbda, inv_temp_signed,
-                               out + b * vocab, nb);
+      interpolate_row<DT, IdT>(row, vocab, dists + b * k, values + b * k, k, lmbda,
+                               static_cast<float>(inv_temp_signed), out + b * vocab, w);
     }
   });
 }

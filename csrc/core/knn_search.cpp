@@ -44,6 +44,13 @@ struct TopK {
     count = k;
     thresh = buf[static_cast<size_t>(k - 1)].cost;
   }
+
+  void push(float cost, int64_t id, int64_t k) {
+    if (cost < thresh) {
+      buf[static_cast<size_t>(count++)] = Cand{cost, id};
+      if (count == static_cast<int64_t>(buf.size())) shrink(k);
+    }
+  }
 };
 
 // Widen rows [0, rows) of a key block to fp32 into `dst` (rows x dp, zero-padded to dp columns)
@@ -164,6 +171,9 @@ inline void direct_tile(const float* q, int64_t dp, const void* keys, int64_t fi
   for (int kj = 0; kj < KT; ++kj) norms[kj] = sums[QT * KT + kj];
 }
 
+// Lanes [0, n) of a 16-lane block (all of them when n >= 16).
+inline uint32_t lane_mask(int64_t n) { return n >= simd::kLanes ? 0xffffu : (1u << n) - 1u; }
+
 // Scores of all queries against one widened block of kKeyBlock keys: dots (nq x kKeyBlock).
 void block_dots(const float* qbuf, int64_t nq, int64_t dp, const float* kbuf, float* dots) {
   for (int64_t q0 = 0; q0 < nq; q0 += 4) {
@@ -211,16 +221,240 @@ void search_range(const float* qbuf, int64_t nq, int64_t dim, int64_t dp, const 
     for (int64_t q = 0; q < nq; ++q) {
       TopK& t = tops[static_cast<size_t>(q)];
       const float* d = dots.data() + q * kKeyBlock;
-      for (int64_t j = 0; j < rows; ++j) {
-        const float cost = l2 ? norms[j] - 2.f * d[j] : -d[j];
-        if (cost < t.thresh) {
-          t.buf[static_cast<size_t>(t.count++)] = Cand{cost, first + j};
-          if (t.count == static_cast<int64_t>(t.buf.size())) t.shrink(k);
+      // 16 keys at a time against the threshold; most blocks have no key to keep
+      for (int64_t j0 = 0; j0 < rows; j0 += simd::kLanes) {
+        const v16f dv = simd::load(d + j0);
+        const v16f cost = l2 ? simd::load(norms.data() + j0) - 2.f * dv : -dv;
+        uint32_t bits = simd::movemask(cost < t.thresh) & lane_mask(rows - j0);
+        while (bits) {
+          const int j = __builtin_ctz(bits);
+          bits &= bits - 1;
+          t.push(cost[j], first + j0 + j, k);
         }
       }
     }
   }
 }
+
+#if defined(__AVX512BF16__)
+// ---- bf16 keys, several queries: the compute-bound case -----------------------------------
+// vdpbf16ps multiplies bf16 pairs at twice the rate of fp32 FMAs, but needs bf16 queries. So the
+// queries are rounded to bf16 for a first pass, which gives each score with a rigorous error
+// bound; keys whose bound interval can still reach the top k are kept as candidates and re-scored
+// exactly in fp32 at the end. The result is the same as the fp32 path (exact search).
+//   |<q, x> - <q_bf16, x>| <= ||q - q_bf16|| ||x||   (Cauchy-Schwarz; x is exactly bf16)
+// plus the fp32 accumulation error of the dot product, <= gamma ||q_bf16|| ||x||.
+
+constexpr int64_t kBf16MinQueries = 4;
+
+inline uint16_t float_to_bf16_rne(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, sizeof(b));
+  b += 0x7fffu + ((b >> 16) & 1u);  // round to nearest even (finite inputs)
+  return static_cast<uint16_t>(b >> 16);
+}
+
+// out[qi * out_stride + kj] = <q_bf16_qi, x_kj> with vdpbf16ps (fp32 accumulation), dim % 32 == 0.
+template <int QT, int KT>
+inline void dot_tile_bf16(const uint16_t* q, int64_t dim, const uint16_t* x, int64_t stride, float* out,
+                          int64_t out_stride) {
+  __m512 acc[QT][KT];
+  for (int qi = 0; qi < QT; ++qi)
+    for (int kj = 0; kj < KT; ++kj) acc[qi][kj] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < dim; i += 32) {
+    __m512bh xv[KT];
+#pragma GCC unroll 4
+    for (int kj = 0; kj < KT; ++kj) xv[kj] = (__m512bh)_mm512_loadu_si512(x + kj * stride + i);
+#pragma GCC unroll 4
+    for (int qi = 0; qi < QT; ++qi) {
+      const __m512bh qv = (__m512bh)_mm512_loadu_si512(q + qi * dim + i);
+#pragma GCC unroll 4
+      for (int kj = 0; kj < KT; ++kj) acc[qi][kj] = _mm512_dpbf16_ps(acc[qi][kj], qv, xv[kj]);
+    }
+  }
+  v16f flat[16] = {};
+  for (int qi = 0; qi < QT; ++qi)
+    for (int kj = 0; kj < KT; ++kj) flat[qi * KT + kj] = (v16f)acc[qi][kj];
+  const v16f sums = simd::hsum16(flat);
+  for (int qi = 0; qi < QT; ++qi)
+    for (int kj = 0; kj < KT; ++kj) out[qi * out_stride + kj] = sums[qi * KT + kj];
+}
+
+// Candidates of one query in the bound pass: (lower bound of the cost, upper bound, id).
+struct BoundCand {
+  float lower, upper;
+  int64_t id;
+};
+
+struct BoundTopK {
+  std::vector<BoundCand> buf;
+  std::vector<float> scratch;
+  int64_t count = 0;
+  float thresh = std::numeric_limits<float>::infinity();  // k-th smallest upper bound seen
+
+  // Tighten the threshold to the k-th smallest upper bound and drop candidates that cannot make
+  // it; grow the buffer when most survive (many near-equal keys) so that pushes stay amortised.
+  void prune(int64_t k) {
+    if (count >= k) {
+      scratch.resize(static_cast<size_t>(count));
+      for (int64_t i = 0; i < count; ++i) scratch[static_cast<size_t>(i)] = buf[static_cast<size_t>(i)].upper;
+      std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end());
+      thresh = std::min(thresh, scratch[static_cast<size_t>(k - 1)]);
+    }
+    int64_t kept = 0;
+    for (int64_t i = 0; i < count; ++i)
+      if (buf[static_cast<size_t>(i)].lower <= thresh) buf[static_cast<size_t>(kept++)] = buf[static_cast<size_t>(i)];
+    count = kept;
+    if (2 * count > static_cast<int64_t>(buf.size())) buf.resize(buf.size() * 2);
+  }
+
+  void push(float lower, float upper, int64_t id, int64_t k) {
+    if (lower <= thresh) {
+      buf[static_cast<size_t>(count++)] = BoundCand{lower, upper, id};
+      if (count == static_cast<int64_t>(buf.size())) prune(k);
+    }
+  }
+};
+
+// DT = BF16: the keys are used as they are. DT = F16: each block is rounded to bf16 into a buffer
+// and each key's rounding error ||x - x_bf16|| enters the bound:
+//   |<q, x> - <q_bf16, x_bf16>| <= ||q|| ||x - x_bf16|| + (||q - q_bf16|| + gamma ||q_bf16||) ||x_bf16||.
+template <KnnDType DT>
+void search_range_bf16(const float* qbuf, int64_t nq, int64_t dim, const uint16_t* keys, int64_t stride,
+                       int64_t begin, int64_t end, int64_t k, KnnMetric metric, std::vector<TopK>& tops) {
+  static_assert(DT == KnnDType::BF16 || DT == KnnDType::F16, "half-precision keys only");
+  const bool l2 = metric == KnnMetric::L2;
+  // bf16 queries, the norm of their rounding error and their own norm
+  std::vector<uint16_t> qb(static_cast<size_t>(nq * dim));
+  std::vector<float> q_err(static_cast<size_t>(nq)), q_bn(static_cast<size_t>(nq)), q_len(static_cast<size_t>(nq));
+  for (int64_t q = 0; q < nq; ++q) {
+    double e2 = 0.0, n2 = 0.0, l2q = 0.0;
+    for (int64_t i = 0; i < dim; ++i) {
+      const float v = qbuf[q * dim + i];
+      const uint16_t h = float_to_bf16_rne(v);
+      qb[static_cast<size_t>(q * dim + i)] = h;
+      const double r = simd::bf16_to_float(h);
+      e2 += (v - r) * (v - r);
+      n2 += r * r;
+      l2q += static_cast<double>(v) * v;
+    }
+    q_len[static_cast<size_t>(q)] = static_cast<float>(1.0001 * std::sqrt(l2q));
+    // gamma = 2 d u bounds the fp32 accumulation of d products (u = 2^-24), doubled for safety;
+    // 1.0001 covers the rounding of the bound itself.
+    const double gamma = 4.0 * static_cast<double>(dim) * std::ldexp(1.0, -24);
+    q_err[static_cast<size_t>(q)] = static_cast<float>(1.0001 * (std::sqrt(e2) + gamma * std::sqrt(n2)));
+    q_bn[static_cast<size_t>(q)] = static_cast<float>(std::sqrt(n2));
+  }
+  const double cost_eps = 8.0 * std::ldexp(1.0, -24);  // rounding of norm - 2 dot
+  std::vector<BoundTopK> cands(static_cast<size_t>(nq));
+  for (auto& c : cands) c.buf.resize(static_cast<size_t>(std::min<int64_t>(std::max<int64_t>(4 * k, 1024), end - begin + 1)));
+  std::vector<float> dots(static_cast<size_t>(nq * kKeyBlock)), norms(kKeyBlock), xlen(kKeyBlock);
+  std::vector<float> xerr(kKeyBlock, 0.f);
+  std::vector<uint16_t> block(DT == KnnDType::F16 ? static_cast<size_t>(kKeyBlock * dim) : 0);
+
+  for (int64_t first = begin; first < end; first += kKeyBlock) {
+    const int64_t rows = std::min(kKeyBlock, end - first);
+    const uint16_t* xb = keys + first * stride;
+    int64_t xs = stride;  // row stride of the bf16 keys the dot products read
+    for (int64_t j = 0; j < rows; ++j) {  // exact fp32 norms of the keys (and bf16 rounding of fp16)
+      const uint16_t* x = xb + j * stride;
+      v16f a0{}, a1{}, e0{}, e1{};
+      for (int64_t i = 0; i < dim; i += 32) {
+        if constexpr (DT == KnnDType::BF16) {
+          const v16f u = simd::load_bf16(x + i), w = simd::load_bf16(x + i + 16);
+          a0 += u * u;
+          a1 += w * w;
+        } else {
+          const v16f u = simd::load_f16(x + i), w = simd::load_f16(x + i + 16);
+          a0 += u * u;
+          a1 += w * w;
+          const __m512bh r = _mm512_cvtne2ps_pbh(reinterpret_cast<const __m512&>(w), reinterpret_cast<const __m512&>(u));
+          uint16_t* dst = block.data() + j * dim + i;
+          _mm512_storeu_si512(dst, (__m512i)r);
+          const v16f du = u - simd::load_bf16(dst), dw = w - simd::load_bf16(dst + 16);
+          e0 += du * du;
+          e1 += dw * dw;
+        }
+      }
+      norms[static_cast<size_t>(j)] = simd::hsum(a0 + a1);
+      xlen[static_cast<size_t>(j)] = std::sqrt(norms[static_cast<size_t>(j)]);
+      if constexpr (DT == KnnDType::F16) xerr[static_cast<size_t>(j)] = 1.0001f * std::sqrt(simd::hsum(e0 + e1));
+    }
+    if constexpr (DT == KnnDType::F16) {
+      xb = block.data();
+      xs = dim;
+    }
+    for (int64_t q0 = 0; q0 < nq; q0 += 4) {
+      const int64_t qt = std::min<int64_t>(4, nq - q0);
+      for (int64_t j = 0; j < rows; j += 4) {
+        // a short last block re-reads rows of this block instead of running past `end`
+        const int64_t jj = std::min(j, rows - 4 < 0 ? 0 : rows - 4);
+        float* out = dots.data() + q0 * kKeyBlock + jj;
+        const uint16_t* x = xb + jj * xs;
+        const uint16_t* q = qb.data() + q0 * dim;
+        if (rows < 4) {
+          for (int64_t r = 0; r < rows; ++r)
+            switch (qt) {
+              case 4: dot_tile_bf16<4, 1>(q, dim, x + r * xs, xs, out + r, kKeyBlock); break;
+              case 3: dot_tile_bf16<3, 1>(q, dim, x + r * xs, xs, out + r, kKeyBlock); break;
+              case 2: dot_tile_bf16<2, 1>(q, dim, x + r * xs, xs, out + r, kKeyBlock); break;
+              default: dot_tile_bf16<1, 1>(q, dim, x + r * xs, xs, out + r, kKeyBlock); break;
+            }
+          break;
+        }
+        switch (qt) {
+          case 4: dot_tile_bf16<4, 4>(q, dim, x, xs, out, kKeyBlock); break;
+          case 3: dot_tile_bf16<3, 4>(q, dim, x, xs, out, kKeyBlock); break;
+          case 2: dot_tile_bf16<2, 4>(q, dim, x, xs, out, kKeyBlock); break;
+          default: dot_tile_bf16<1, 4>(q, dim, x, xs, out, kKeyBlock); break;
+        }
+      }
+    }
+    for (int64_t q = 0; q < nq; ++q) {
+      BoundTopK& c = cands[static_cast<size_t>(q)];
+      const float* d = dots.data() + q * kKeyBlock;
+      const float qe = q_err[static_cast<size_t>(q)], ql = q_len[static_cast<size_t>(q)];
+      for (int64_t j0 = 0; j0 < rows; j0 += simd::kLanes) {
+        const v16f dv = simd::load(d + j0), nv = simd::load(norms.data() + j0);
+        const v16f approx = l2 ? nv - 2.f * dv : -dv;
+        const v16f adv = dv < 0.f ? -dv : dv;
+        const v16f xe = simd::load(xerr.data() + j0);
+        const v16f bound = (l2 ? 2.f : 1.f) * (qe * (simd::load(xlen.data() + j0) + xe) + ql * xe) +
+                           static_cast<float>(cost_eps) * (nv + 2.f * adv) + 1e-30f;
+        const v16f lower = approx - bound, upper = approx + bound;
+        uint32_t bits = simd::movemask(lower <= c.thresh) & lane_mask(rows - j0);
+        while (bits) {
+          const int j = __builtin_ctz(bits);
+          bits &= bits - 1;
+          c.push(lower[j], upper[j], first + j0 + j, k);
+        }
+      }
+    }
+  }
+  // exact fp32 re-scoring of the surviving candidates
+  for (int64_t q = 0; q < nq; ++q) {
+    BoundTopK& c = cands[static_cast<size_t>(q)];
+    c.prune(k);
+    TopK& t = tops[static_cast<size_t>(q)];
+    const float* qv = qbuf + q * dim;
+    for (int64_t i = 0; i < c.count; ++i) {
+      const int64_t id = c.buf[static_cast<size_t>(i)].id;
+      const uint16_t* x = keys + id * stride;
+      v16f dot0{}, dot1{}, nn0{}, nn1{};
+      for (int64_t e = 0; e < dim; e += 32) {
+        const v16f u = DT == KnnDType::BF16 ? simd::load_bf16(x + e) : simd::load_f16(x + e);
+        const v16f w = DT == KnnDType::BF16 ? simd::load_bf16(x + e + 16) : simd::load_f16(x + e + 16);
+        dot0 += simd::load(qv + e) * u;
+        dot1 += simd::load(qv + e + 16) * w;
+        nn0 += u * u;
+        nn1 += w * w;
+      }
+      const float dot = simd::hsum(dot0 + dot1);
+      t.push(l2 ? simd::hsum(nn0 + nn1) - 2.f * dot : -dot, id, k);
+    }
+  }
+}
+#endif  // __AVX512BF16__
 
 }  // namespace
 
@@ -245,7 +479,8 @@ void knn_search_cpu(const float* queries, int64_t num_queries, int64_t dim, cons
   const int64_t chunks = std::max<int64_t>(
       1, std::min<int64_t>(num_threads(), num_keys / kMinKeysPerChunk));
   const int64_t per_chunk = (num_keys + chunks - 1) / chunks;
-  const int64_t cap = std::max<int64_t>(2 * k, k + 256);
+  // candidate buffer per query: room for 2k (amortised nth_element), never more than a chunk holds
+  const int64_t cap = std::min<int64_t>(std::max<int64_t>(2 * k, k + 256), per_chunk + 1);
   std::vector<std::vector<TopK>> tops(static_cast<size_t>(chunks));
   parallel_for(chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
@@ -259,9 +494,23 @@ void knn_search_cpu(const float* queries, int64_t num_queries, int64_t dim, cons
           search_range<KnnDType::F32>(qbuf.data(), num_queries, dim, dp, keys, key_stride, begin, end, k, metric, t);
           break;
         case KnnDType::F16:
+#if defined(__AVX512BF16__)
+          if (num_queries >= kBf16MinQueries && dim % 32 == 0) {
+            search_range_bf16<KnnDType::F16>(qbuf.data(), num_queries, dim, static_cast<const uint16_t*>(keys),
+                                             key_stride, begin, end, k, metric, t);
+            break;
+          }
+#endif
           search_range<KnnDType::F16>(qbuf.data(), num_queries, dim, dp, keys, key_stride, begin, end, k, metric, t);
           break;
         case KnnDType::BF16:
+#if defined(__AVX512BF16__)
+          if (num_queries >= kBf16MinQueries && dim % 32 == 0) {
+            search_range_bf16<KnnDType::BF16>(qbuf.data(), num_queries, dim, static_cast<const uint16_t*>(keys),
+                                              key_stride, begin, end, k, metric, t);
+            break;
+          }
+#endif
           search_range<KnnDType::BF16>(qbuf.data(), num_queries, dim, dp, keys, key_stride, begin, end, k, metric, t);
           break;
       }

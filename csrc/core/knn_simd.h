@@ -10,6 +10,12 @@
 #include <immintrin.h>
 #endif
 
+#if defined(__GNUC__) && !defined(__clang__)
+// 64-byte vectors only pass between inline functions of these kernels, never across an ABI
+// boundary; without AVX-512 GCC would still warn that their calling convention differs.
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
 namespace kcore::simd {
 
 typedef float v16f __attribute__((vector_size(64)));
@@ -42,6 +48,17 @@ inline float hmax(v16f v) {
 }
 
 inline v16f vmax(v16f a, v16f b) { return a > b ? a : b; }
+
+// Bit i set when lane i of the comparison result `m` (all ones / zero) is set.
+inline uint32_t movemask(v16i m) {
+#if defined(__AVX512DQ__)
+  return _mm512_movepi32_mask(reinterpret_cast<__m512i&>(m));
+#else
+  uint32_t bits = 0;
+  for (int i = 0; i < kLanes; ++i) bits |= static_cast<uint32_t>(m[i] != 0) << i;
+  return bits;
+#endif
+}
 
 // Horizontal sums of 16 vectors at once: result lane j = sum of the lanes of v[j]. A tree of
 // 15 shuffle-add steps (instead of 16 separate reductions, which cost more than a short dot
@@ -161,6 +178,35 @@ inline v16f exp(v16f x) {
   std::memcpy(&scale, &pow2, sizeof(scale));
   y = y * scale;
   return underflow ? v16f{} : y;
+}
+
+// Natural log for 16 lanes, Cephes-style: x = m 2^e with m in [sqrt(1/2), sqrt(2)), a degree-8
+// polynomial for log(m); about 1 ulp. Only used on finite x > 0 (probabilities, 1 + y).
+inline v16f log(v16f x) {
+  v16i bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  v16i e = ((bits >> 23) & 0xff) - 126;
+  bits = (bits & 0x007fffff) | 0x3f000000;  // mantissa in [0.5, 1)
+  v16f m;
+  std::memcpy(&m, &bits, sizeof(m));
+  const v16i small = m < 0.707106781186547524f;
+  e = small ? e - 1 : e;
+  m = small ? m + m - 1.0f : m - 1.0f;
+  v16f y = splat(7.0376836292E-2f);
+  y = y * m - 1.1514610310E-1f;
+  y = y * m + 1.1676998740E-1f;
+  y = y * m - 1.2420140846E-1f;
+  y = y * m + 1.4249322787E-1f;
+  y = y * m - 1.6668057665E-1f;
+  y = y * m + 2.0000714765E-1f;
+  y = y * m - 2.4999993993E-1f;
+  y = y * m + 3.3333331174E-1f;
+  const v16f z = m * m;
+  const v16f fe = __builtin_convertvector(e, v16f);
+  y = y * m * z;
+  y = y + fe * -2.12194440e-4f;
+  y = y - 0.5f * z;
+  return m + y + fe * 0.693359375f;
 }
 
 }  // namespace kcore::simd

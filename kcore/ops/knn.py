@@ -70,8 +70,14 @@ def knn_search(
     Returns:
         ``(dists, ids)``: ``dists`` float32 ``(num_queries, k)``, ``ids`` int64
         ``(num_queries, k)`` (row indices into ``keys``), on the device of ``queries``, best first.
-        All arithmetic is in float32 (low-precision keys are widened exactly); neighbours at equal
-        distance may come back in any order.
+        Scores are float32 (low-precision keys are widened exactly); neighbours at equal
+        distance may come back in any order (``cpu`` orders them by id).
+
+    The ``cpu`` backend (C++) streams the keys once, split across threads, with a per-query
+    threshold filter and ``nth_element`` top-k. For bfloat16 keys and 4 or more queries on CPUs
+    with AVX512-BF16 it scores with ``vdpbf16ps`` from bf16-rounded queries first, keeps every key
+    whose rigorous error interval can reach the top k, and re-scores those exactly in float32:
+    the result is the exact search's.
 
     Raises:
         InvalidInputError: wrong rank, dtype, device or dimension; ``k < 1``; unknown metric;
