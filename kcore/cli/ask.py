@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from kcore.errors import KcoreError
+from kcore.errors import FileFormatError, KcoreError
 
 SYSTEM_PROMPT = (
     "Answer with facts from the knowledge base. First write the facts about the entity of the question, "
@@ -114,7 +114,11 @@ def cached_trie(tokenizer, kb: Optional[str] = None, *, progress: bool = True):
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"{kb_id}-{tokenizer_fingerprint(tokenizer)[:16]}.ktrie"
     if target.exists():
-        return kcore.FactTrie.load(target, tokenizer=tokenizer)
+        try:
+            return kcore.FactTrie.load(target, tokenizer=tokenizer, verify="full")
+        except FileFormatError as e:
+            # The cache is ours to rebuild: a damaged file is replaced, not fatal.
+            print(f"kcore: rebuilding the cached trie ({e})", file=sys.stderr)
     facts = kbmod.default_facts() if kb is None else kbmod.load_facts(kb)
     if progress:
         print(f"kcore: building the fact trie of {len(facts)} facts into {target} (first run only)", file=sys.stderr)
