@@ -10,11 +10,19 @@
 #include "core/errors.h"
 #include "core/parallel.h"
 
+// The vector helpers below are internal inline functions; the note that passing AVX vectors by
+// value changes the ABI when the build is portable (KCORE_NATIVE=OFF) does not concern them.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
 namespace kcore {
 namespace {
 
 // GCC/Clang vector extension: 8 float lanes (one AVX register; two SSE/NEON registers).
 typedef float v8f __attribute__((vector_size(32)));
+// 16 float lanes: one AVX-512 register, or two AVX ones on machines without AVX-512.
+typedef float v16f __attribute__((vector_size(64)));
 
 constexpr int64_t kKeyBlock = 32;     // keys scored per block (transposed into an L1 tile)
 constexpr int64_t kQueryTile = 32;    // queries sharing one pass over a key range
@@ -26,7 +34,7 @@ inline v8f load8(const float* p) {
   std::memcpy(&v, p, sizeof v);
   return v;
 }
-inline void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof v); }
+inline void store8(float* p, const v8f& v) { std::memcpy(p, &v, sizeof v); }
 inline v8f splat8(float x) { return v8f{x, x, x, x, x, x, x, x}; }
 
 inline float bf16_to_f32(uint16_t h) {
@@ -78,6 +86,35 @@ struct Elem<MemElemType::bf16> {
   static float to_f32(uint16_t x) { return bf16_to_f32(x); }
 };
 
+// Converts one memory row (head_dim elements) to float32, 16 lanes at a time where the compiler
+// has a vector type for the element (F16C / AVX-512 conversions under -march=native).
+template <MemElemType T>
+inline void row_to_f32(const typename Elem<T>::type* src, int64_t n, float* dst) {
+  int64_t d = 0;
+  if constexpr (T == MemElemType::bf16) {
+    typedef uint16_t v16u16 __attribute__((vector_size(32)));
+    typedef uint32_t v16u32 __attribute__((vector_size(64)));
+    for (; d + 16 <= n; d += 16) {
+      v16u16 h;
+      std::memcpy(&h, src + d, sizeof h);
+      const v16u32 u = __builtin_convertvector(h, v16u32) << 16;
+      std::memcpy(dst + d, &u, sizeof u);
+    }
+  }
+#if defined(__FLT16_MAX__)
+  if constexpr (T == MemElemType::f16) {
+    typedef _Float16 v16h __attribute__((vector_size(32)));
+    for (; d + 16 <= n; d += 16) {
+      v16h h;
+      std::memcpy(&h, src + d, sizeof h);
+      const v16f f = __builtin_convertvector(h, v16f);
+      std::memcpy(dst + d, &f, sizeof f);
+    }
+  }
+#endif
+  for (; d < n; ++d) dst[d] = Elem<T>::to_f32(src[d]);
+}
+
 template <MemElemType T>
 inline const typename Elem<T>::type* row_ptr(const MemoryTensor& t, int64_t head, int64_t row) {
   return static_cast<const typename Elem<T>::type*>(t.data) + head * t.stride_head + row * t.stride_row;
@@ -110,8 +147,6 @@ inline void score_4x16(const float* q, int64_t d_len, const float* kt, float* s)
   store8(s + 3 * kKeyBlock + 8, c31);
 }
 
-// 16 float lanes: one AVX-512 register, or two AVX ones on machines without AVX-512.
-typedef float v16f __attribute__((vector_size(64)));
 typedef float v4f __attribute__((vector_size(16)));
 
 inline v16f load16(const float* p) {
@@ -120,7 +155,7 @@ inline v16f load16(const float* p) {
   return v;
 }
 
-inline float hsum16(v16f v) {
+inline float hsum16(const v16f& v) {
   v8f lo, hi;
   std::memcpy(&lo, &v, sizeof lo);
   std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof lo, sizeof hi);
@@ -189,7 +224,7 @@ void score_and_select(const MemoryAttentionArgs& a, int64_t h, int64_t q0, int64
         if constexpr (T == MemElemType::f32) {
           kr = row;
         } else {
-          for (int64_t d = 0; d < d_len; ++d) rowbuf[d] = Elem<T>::to_f32(row[d]);
+          row_to_f32<T>(row, d_len, rowbuf.data());
           kr = rowbuf.data();
         }
         switch (nq) {
@@ -208,8 +243,8 @@ void score_and_select(const MemoryAttentionArgs& a, int64_t h, int64_t q0, int64
       }
     } else {
       for (int64_t j = 0; j < nb; ++j) {
-        const auto* row = row_ptr<T>(a.keys_normed, h, mb + j);
-        for (int64_t d = 0; d < d_len; ++d) kt[d * kKeyBlock + j] = Elem<T>::to_f32(row[d]);
+        row_to_f32<T>(row_ptr<T>(a.keys_normed, h, mb + j), d_len, rowbuf.data());
+        for (int64_t d = 0; d < d_len; ++d) kt[d * kKeyBlock + j] = rowbuf[d];
       }
       if (nb < kKeyBlock) {  // last partial block: stale columns must not leak into the scores
         for (int64_t d = 0; d < d_len; ++d) std::fill_n(&kt[d * kKeyBlock + nb], kKeyBlock - nb, 0.0f);
