@@ -92,12 +92,15 @@ def _attend_kernel(
     Q,  # (num_kv_heads, nq, head_dim) float32 contiguous
     K,
     V,  # (num_kv_heads, mem_len, head_dim), row-contiguous
+    KS,
+    VS,  # (num_kv_heads, mem_len) float32 row scales of an int8 bank (unused otherwise)
     CAND_V,
     CAND_I,  # (num_kv_heads, nq, num_splits, K_PAD)
     OUT,  # (num_kv_heads, nq, head_dim) float32
     LSE,  # (num_kv_heads, nq) float32
     IDX,  # (num_kv_heads, nq, TOPK) int64
     nq,
+    mem_len,
     num_cand,
     stride_kh,
     stride_km,
@@ -106,6 +109,7 @@ def _attend_kernel(
     scale,
     min_cos,
     USE_THRESHOLD: tl.constexpr,
+    HAS_SCALES: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     TOPK: tl.constexpr,
     K_PAD: tl.constexpr,
@@ -138,13 +142,18 @@ def _attend_kernel(
     rows = tl.where(keep, sel_i, 0).to(tl.int64)
     kr = tl.load(K + h * stride_kh + rows[:, None] * stride_km + d[None, :], mask=keep[:, None] & d_ok[None, :], other=0.0)
     logits = tl.sum(q[None, :] * kr.to(tl.float32), axis=1) * scale
+    if HAS_SCALES:
+        logits = logits * tl.load(KS + h * mem_len + rows, mask=keep, other=0.0)
     logits = tl.where(keep, logits, float("-inf"))
     m = tl.max(logits, axis=0)
     m_safe = tl.where(m > float("-inf"), m, 0.0)
     p = tl.exp(logits - m_safe)
     total = tl.sum(p, axis=0)
     vr = tl.load(V + h * stride_vh + rows[:, None] * stride_vm + d[None, :], mask=keep[:, None] & d_ok[None, :], other=0.0)
-    acc = tl.sum(p[:, None] * vr.to(tl.float32), axis=0)
+    w = p
+    if HAS_SCALES:
+        w = w * tl.load(VS + h * mem_len + rows, mask=keep, other=0.0)
+    acc = tl.sum(w[:, None] * vr.to(tl.float32), axis=0)
     has = total > 0
     safe_total = tl.where(has, total, 1.0)
     tl.store(OUT + r * HEAD_DIM + d, acc / safe_total, mask=d_ok)
@@ -163,7 +172,9 @@ def _num_splits(device: torch.device, programs: int, mem_len: int, block_n: int)
     return max(1, min(want, triton.cdiv(mem_len, 4 * block_n)))
 
 
-def memory_attention_triton(query, mem_keys, mem_values, mem_keys_normed, topk, scale, similarity_threshold):
+def memory_attention_triton(
+    query, mem_keys, mem_values, mem_keys_normed, topk, scale, similarity_threshold, key_scales=None, value_scales=None
+):
     """Arguments already checked by :func:`kcore.ops.memory_attention` (mem_len >= 1)."""
     b, hq, lq, d = query.shape
     hkv, m, _ = mem_keys.shape
@@ -175,8 +186,13 @@ def memory_attention_triton(query, mem_keys, mem_values, mem_keys_normed, topk, 
     q = query.float().reshape(b, hkv, g, lq, d).permute(1, 0, 2, 3, 4).reshape(hkv, nq, d).contiguous()
     keys = mem_keys if mem_keys.stride(-1) == 1 else mem_keys.contiguous()
     values = mem_values if mem_values.stride(-1) == 1 else mem_values.contiguous()
-    normed = mem_keys_normed.to(mem_keys.dtype)
-    normed = normed if normed.stride(-1) == 1 else normed.contiguous()
+    normed = mem_keys_normed if mem_keys_normed.stride(-1) == 1 else mem_keys_normed.contiguous()
+    has_scales = key_scales is not None
+    if has_scales:
+        key_scales = key_scales.float().contiguous()
+        value_scales = value_scales.float().contiguous()
+    else:  # never read (HAS_SCALES=False); the kernel still needs pointer arguments
+        key_scales = value_scales = q
 
     k_pad = triton.next_power_of_2(k_eff)
     block_q = min(16, triton.next_power_of_2(nq))
@@ -197,10 +213,10 @@ def memory_attention_triton(query, mem_keys, mem_values, mem_keys_normed, topk, 
     idx = torch.empty((hkv, nq, k_eff), dtype=torch.int64, device=dev)
     num_cand = splits * k_pad
     _attend_kernel[(hkv * nq,)](
-        q, keys, values, cand_v, cand_i, out, lse, idx, nq, num_cand,
+        q, keys, values, key_scales, value_scales, cand_v, cand_i, out, lse, idx, nq, m, num_cand,
         keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
         float(scale), 0.0 if similarity_threshold is None else float(similarity_threshold),
-        USE_THRESHOLD=similarity_threshold is not None, HEAD_DIM=d, TOPK=k_eff, K_PAD=k_pad,
+        USE_THRESHOLD=similarity_threshold is not None, HAS_SCALES=has_scales, HEAD_DIM=d, TOPK=k_eff, K_PAD=k_pad,
         C_PAD=triton.next_power_of_2(num_cand), D_PAD=triton.next_power_of_2(d),
     )
 

@@ -85,6 +85,11 @@ struct Elem<MemElemType::bf16> {
   using type = uint16_t;
   static float to_f32(uint16_t x) { return bf16_to_f32(x); }
 };
+template <>
+struct Elem<MemElemType::i8> {  // times the row's scale, applied by the caller
+  using type = int8_t;
+  static float to_f32(int8_t x) { return static_cast<float>(x); }
+};
 
 // Converts one memory row (head_dim elements) to float32, 16 lanes at a time where the compiler
 // has a vector type for the element (F16C / AVX-512 conversions under -march=native).
@@ -306,6 +311,7 @@ void attend_one(const MemoryAttentionArgs& a, int64_t h, int64_t qi, int64_t num
     const auto* krow = row_ptr<T>(a.keys, h, ids[r]);
     float dot = 0.0f;
     for (int64_t d = 0; d < d_len; ++d) dot += q[d] * Elem<T>::to_f32(krow[d]);
+    if constexpr (T == MemElemType::i8) dot *= a.key_scales[h * a.mem_len + ids[r]];
     logits[r] = dot * a.scale;
     max_logit = std::max(max_logit, logits[r]);
   }
@@ -324,14 +330,16 @@ void attend_one(const MemoryAttentionArgs& a, int64_t h, int64_t qi, int64_t num
     const float p = std::exp(logits[r] - max_logit);
     sum += p;
     const auto* vrow = row_ptr<T>(a.values, h, ids[r]);
-    for (int64_t d = 0; d < d_len; ++d) acc[d] += p * Elem<T>::to_f32(vrow[d]);
+    float w = p;
+    if constexpr (T == MemElemType::i8) w *= a.value_scales[h * a.mem_len + ids[r]];
+    for (int64_t d = 0; d < d_len; ++d) acc[d] += w * Elem<T>::to_f32(vrow[d]);
   }
   const float inv = 1.0f / sum;
   for (int64_t d = 0; d < d_len; ++d) out[d] = acc[d] * inv;
   a.lse[row] = max_logit + std::log(sum);
 }
 
-template <MemElemType T>
+template <MemElemType TN, MemElemType TKV>
 void forward_typed(const MemoryAttentionArgs& a) {
   const int64_t nq_head = a.queries_per_head, k = a.topk;
   const int64_t tile = std::min(kQueryTile, nq_head);
@@ -353,14 +361,14 @@ void forward_typed(const MemoryAttentionArgs& a) {
       const int64_t h = ht / num_tiles, q0 = (ht % num_tiles) * tile;
       const int64_t nq = std::min(tile, nq_head - q0);
       const int64_t m0 = a.mem_len * split / num_splits, m1 = a.mem_len * (split + 1) / num_splits;
-      score_and_select<T>(a, h, q0, nq, m0, m1, split, num_splits, cand_vals.data(), cand_ids.data());
+      score_and_select<TN>(a, h, q0, nq, m0, m1, split, num_splits, cand_vals.data(), cand_ids.data());
     }
   });
   parallel_for(num_rows, 64, [&](int64_t begin, int64_t end) {
     std::vector<float> vals(static_cast<size_t>(k)), logits(static_cast<size_t>(k)), acc(static_cast<size_t>(a.head_dim));
     std::vector<int32_t> ids(static_cast<size_t>(k));
     for (int64_t r = begin; r < end; ++r) {
-      attend_one<T>(a, r / nq_head, r % nq_head, num_splits, cand_vals.data(), cand_ids.data(), vals.data(), ids.data(),
+      attend_one<TKV>(a, r / nq_head, r % nq_head, num_splits, cand_vals.data(), cand_ids.data(), vals.data(), ids.data(),
                     logits.data(), acc.data());
     }
   });
@@ -368,6 +376,21 @@ void forward_typed(const MemoryAttentionArgs& a) {
 
 void check(bool ok, const std::string& what) {
   if (!ok) throw InvalidInput("memory_attention: " + what);
+}
+
+template <MemElemType TN>
+void dispatch_kv(const MemoryAttentionArgs& a) {
+  switch (a.kv_dtype) {
+    case MemElemType::f32:
+      return forward_typed<TN, MemElemType::f32>(a);
+    case MemElemType::f16:
+      return forward_typed<TN, MemElemType::f16>(a);
+    case MemElemType::bf16:
+      return forward_typed<TN, MemElemType::bf16>(a);
+    case MemElemType::i8:
+      return forward_typed<TN, MemElemType::i8>(a);
+  }
+  throw InvalidInput("memory_attention: unknown dtype code " + std::to_string(static_cast<int>(a.kv_dtype)));
 }
 
 }  // namespace
@@ -384,15 +407,19 @@ void memory_attention_forward(const MemoryAttentionArgs& a) {
     check(t->data != nullptr, "null memory tensor");
     check(t->stride_row >= a.head_dim && t->stride_head >= 0, "memory rows must not overlap");
   }
-  switch (a.dtype) {
+  check(a.normed_dtype != MemElemType::i8, "mem_keys_normed must be a float tensor");
+  if (a.kv_dtype == MemElemType::i8) check(a.key_scales && a.value_scales, "int8 keys and values need row scales");
+  switch (a.normed_dtype) {
     case MemElemType::f32:
-      return forward_typed<MemElemType::f32>(a);
+      return dispatch_kv<MemElemType::f32>(a);
     case MemElemType::f16:
-      return forward_typed<MemElemType::f16>(a);
+      return dispatch_kv<MemElemType::f16>(a);
     case MemElemType::bf16:
-      return forward_typed<MemElemType::bf16>(a);
+      return dispatch_kv<MemElemType::bf16>(a);
+    default:
+      break;
   }
-  throw InvalidInput("memory_attention: unknown memory dtype code " + std::to_string(static_cast<int>(a.dtype)));
+  throw InvalidInput("memory_attention: unknown dtype code " + std::to_string(static_cast<int>(a.normed_dtype)));
 }
 
 }  // namespace kcore
