@@ -92,7 +92,7 @@ def memory_attention(
     if mem_keys.shape[1] == 0:
         return _empty_result(query)
     if mem_keys_normed is None:
-        mem_keys_normed = normalize_keys(mem_keys, mem_key_scales)
+        mem_keys_normed = normalize_keys(mem_keys)
     args = (query, mem_keys, mem_values, mem_keys_normed, topk, scale, similarity_threshold)
     if name == "cpu":
         from kcore.ops import _memory_attention_cpu
@@ -105,7 +105,7 @@ def memory_attention(
     return _memory_attention_torch(*args, key_scales=mem_key_scales, value_scales=mem_value_scales)
 
 
-def normalize_keys(mem_keys: torch.Tensor, mem_key_scales: Optional[torch.Tensor] = None) -> torch.Tensor:
+def normalize_keys(mem_keys: torch.Tensor) -> torch.Tensor:
     """Unit-normalise ``mem_keys`` ``(num_kv_heads, mem_len, head_dim)`` along ``head_dim``
     (computed in float32, returned in the keys' dtype, float32 for int8 keys; zero rows stay
     zero). The per-row scales of an int8 bank do not change the direction and are ignored."""
