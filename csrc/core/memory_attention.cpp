@@ -27,6 +27,8 @@ typedef float v16f __attribute__((vector_size(64)));
 constexpr int64_t kKeyBlock = 32;     // keys scored per block (transposed into an L1 tile)
 constexpr int64_t kQueryTile = 32;    // queries sharing one pass over a key range
 constexpr int64_t kMinSplitKeys = 2048;  // fewest keys a thread streams when a range is split
+// Below this many bytes of keys streamed per call, starting threads costs more than it saves.
+constexpr int64_t kMinParallelBytes = int64_t{1} << 20;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 inline v8f load8(const float* p) {
@@ -348,14 +350,17 @@ void forward_typed(const MemoryAttentionArgs& a) {
   // Decode has few queries per head: split the memory so every thread streams a share of it.
   const int64_t want = 2 * static_cast<int64_t>(num_threads());
   int64_t num_splits = 1;
-  if (base_tasks < want) {
+  if (base_tasks < want && a.mem_len * a.head_dim * a.num_kv_heads * 4 >= kMinParallelBytes) {
     num_splits = std::min((want + base_tasks - 1) / base_tasks, std::max<int64_t>(1, a.mem_len / kMinSplitKeys));
   }
   const int64_t num_rows = a.num_kv_heads * nq_head;
   std::vector<float> cand_vals(static_cast<size_t>(num_rows * num_splits * k));
   std::vector<int32_t> cand_ids(static_cast<size_t>(num_rows * num_splits * k));
 
-  parallel_for(base_tasks * num_splits, 1, [&](int64_t begin, int64_t end) {
+  const int64_t streamed_bytes =
+      num_tiles * a.num_kv_heads * a.mem_len * a.head_dim * static_cast<int64_t>(sizeof(typename Elem<TN>::type));
+  const int64_t grain = streamed_bytes < kMinParallelBytes ? base_tasks * num_splits : 1;
+  parallel_for(base_tasks * num_splits, grain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t split = t % num_splits, ht = t / num_splits;
       const int64_t h = ht / num_tiles, q0 = (ht % num_tiles) * tile;
