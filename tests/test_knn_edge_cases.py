@@ -100,3 +100,17 @@ def test_interpolate_masked_logits_are_fine(backend):
     out = knn_interpolate(lm, dists, values, lmbda=0.5, temperature=1.0, backend=backend)
     assert not bool(out.isnan().any())
     torch.testing.assert_close(torch.logsumexp(out, -1), torch.zeros(3), atol=1e-5, rtol=0)
+
+
+def test_interpolate_is_differentiable_under_autograd():
+    # Before: the cpu backend returned a tensor without grad_fn, silently dropping the gradient.
+    lm, dists, values = _logits_and_neighbours()
+    lm.requires_grad_(True)
+    out = knn_interpolate(lm, dists, values, lmbda=0.5, temperature=1.0, backend="cpu")
+    assert out.requires_grad
+    out[:, 3].sum().backward()
+    lm_ref = lm.detach().clone().requires_grad_(True)
+    knn_interpolate(lm_ref, dists, values, lmbda=0.5, temperature=1.0, backend="torch")[:, 3].sum().backward()
+    torch.testing.assert_close(lm.grad, lm_ref.grad)
+    with torch.no_grad():  # inference keeps the fused kernel
+        assert not knn_interpolate(lm, dists, values, lmbda=0.5, temperature=1.0, backend="cpu").requires_grad

@@ -197,6 +197,8 @@ def knn_interpolate(
 
     Returns:
         ``(batch, vocab)`` float32 log-probabilities (a new tensor on the device of ``lm_logits``).
+        When autograd records (``lm_logits`` or ``dists`` requires grad, grad mode on) the
+        differentiable ``torch`` backend runs whatever ``backend`` says.
 
     Raises:
         InvalidInputError: wrong rank, dtype, device or shape; ``lmbda`` outside ``[0, 1]``;
@@ -207,6 +209,10 @@ def knn_interpolate(
     """
     backend = _check_interp_args(lm_logits, dists, values, lmbda, temperature, metric, backend)
     lmbda, temperature = float(lmbda), float(temperature)
+    if backend != "torch" and torch.is_grad_enabled() and (lm_logits.requires_grad or dists.requires_grad):
+        # The fused kernels are not differentiable: their output would silently drop the
+        # gradient. The torch reference is (with respect to lm_logits and dists).
+        backend = "torch"
     if torch.compiler.is_compiling():
         return torch.ops.kcore.knn_interpolate(lm_logits, dists, values, lmbda, temperature, metric, backend)
     return _knn_interpolate_impl(lm_logits, dists, values, lmbda, temperature, metric, backend)
