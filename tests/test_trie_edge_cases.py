@@ -133,3 +133,44 @@ def test_fill_bitmask_releases_the_gil(tmp_path):
     first = sorted({f[0] for f in facts})
     row = np.unpackbits(bitmask[0].view(np.uint8), bitorder="little")[:1000]
     assert np.flatnonzero(row).tolist() == first
+
+
+def _walk_everything(t, facts):
+    frontier = [t.root_state]
+    for _ in range(8):
+        nxt = []
+        for s in frontier[:200]:
+            toks = t.next_tokens_from(s).astype(np.int64)
+            ns = t.step(np.full(len(toks), s), toks)
+            t.is_complete(ns)
+            t.fact_range(ns)
+            if len(ns):
+                t.fill_bitmask(ns, np.zeros((len(ns), 10), np.int32))
+            nxt += [x for x in ns.tolist() if x >= 0]
+        frontier = nxt
+    for f in facts[:100]:
+        t.contains(f)
+
+
+@pytest.mark.parametrize("seed", [1, 4])
+def test_corrupted_data_section_is_the_files_fault(tmp_path, seed):
+    # The data checksum is only verified with verify="full". Before: corrupted leaf counts made
+    # step() return states the next call rejected with InvalidInputError ("not a state of this
+    # trie"), blaming the caller. Now every failure on a corrupted file is a FileFormatError.
+    from kcore.errors import FileFormatError
+
+    rs = np.random.RandomState(seed)
+    facts = [rs.randint(0, 300, rs.randint(1, 7)).tolist() for _ in range(500)]
+    path = tmp_path / "f.ktrie"
+    FactTrie.build(facts, path, vocab_size=300, progress=False)
+    raw = path.read_bytes()
+    for trial in range(30):
+        b = bytearray(raw)
+        for _ in range(rs.randint(1, 20)):
+            b[rs.randint(256, len(b))] = rs.randint(256)
+        bad = tmp_path / f"c{trial}.ktrie"
+        bad.write_bytes(bytes(b))
+        try:
+            _walk_everything(FactTrie.load(bad), facts)
+        except FileFormatError:
+            pass
