@@ -111,3 +111,20 @@ def test_nan_and_inf_logits(backend):
 def test_zero_size(backend):
     apply_token_bitmask_(torch.empty(0, VOCAB), torch.empty(0, 4, dtype=torch.int32), backend=backend)
     apply_token_bitmask_(torch.empty(3, 0), torch.empty(3, 0, dtype=torch.int32), backend=backend)
+
+
+def test_trie_bitmask_on_padded_logits(tmp_path):
+    # The trie's vocab (tokenizer) is narrower than the logits (padded embeddings): a bitmask
+    # allocated for the logits' width, filled by the trie, masks the padding tokens too.
+    from kcore import FactTrie
+    from kcore.ops.bitmask import allocate_token_bitmask
+
+    trie = FactTrie.build([[1, 2], [3, 40], [99]], tmp_path / "t.ktrie", vocab_size=100, progress=False)
+    logits = torch.zeros(2, 160)
+    bitmask = allocate_token_bitmask(2, 160)
+    trie.fill_bitmask([trie.root_state, trie.state_of([3])], bitmask)
+    apply_token_bitmask_(logits, bitmask)
+    assert torch.isfinite(logits[0]).nonzero().flatten().tolist() == [1, 3, 99]
+    assert torch.isfinite(logits[1]).nonzero().flatten().tolist() == [40]
+    with pytest.raises(InvalidInputError, match="narrower"):
+        apply_token_bitmask_(torch.zeros(2, 160), torch.zeros(2, 4, dtype=torch.int32))

@@ -114,3 +114,31 @@ def test_interpolate_is_differentiable_under_autograd():
     torch.testing.assert_close(lm.grad, lm_ref.grad)
     with torch.no_grad():  # inference keeps the fused kernel
         assert not knn_interpolate(lm, dists, values, lmbda=0.5, temperature=1.0, backend="cpu").requires_grad
+
+
+def test_concurrent_calls_from_threads_agree_with_reference():
+    import threading
+
+    g = torch.Generator().manual_seed(3)
+    keys = torch.randn(5000, 32, generator=g).half()
+    queries = [torch.randn(5, 32, generator=g) for _ in range(8)]
+    expected = [knn_search(q, keys, 16, backend="torch") for q in queries]
+    lm, dists, values = _logits_and_neighbours(batch=8, vocab=500, k=16, seed=3)
+    expected_mix = knn_interpolate(lm, dists, values, lmbda=0.3, temperature=1.0, backend="torch")
+    errors = []
+
+    def worker(i):
+        for _ in range(5):
+            d, ids = knn_search(queries[i], keys, 16, backend="cpu")
+            if not torch.allclose(d, expected[i][0], rtol=1e-4, atol=1e-4):
+                errors.append(("search", i))
+            mix = knn_interpolate(lm, dists, values, lmbda=0.3, temperature=1.0, backend="cpu")
+            if not torch.allclose(mix, expected_mix, atol=1e-5, rtol=1e-5):
+                errors.append(("interpolate", i))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
