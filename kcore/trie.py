@@ -462,7 +462,12 @@ class FactTrie:
     # ------------------------------------------------------------------ queries
 
     def state_of(self, prefix) -> int:
-        """The cursor state after ``prefix`` (token ids) from the root; ``-1`` if no fact starts so."""
+        """The cursor state after ``prefix`` (token ids, list / 1-D numpy array / torch tensor)
+        from the root; ``-1`` if no fact starts so (ids outside the vocabulary included).
+
+        Raises:
+            InvalidInputError: ``prefix`` does not hold integers.
+        """
         return int(self._t.walk(_as_states(prefix, "prefix").reshape(-1)))
 
     def next_tokens(self, prefix) -> np.ndarray:
@@ -475,6 +480,9 @@ class FactTrie:
             ``np.ndarray[int32]`` of shape ``(num_next,)``, ascending; empty if no fact starts
             with ``prefix`` (ids outside the vocabulary included) or ``prefix`` is a whole fact
             with no extension.
+
+        Raises:
+            InvalidInputError: ``prefix`` does not hold integers.
         """
         return self._t.next_tokens(self.state_of(prefix))
 
@@ -487,8 +495,12 @@ class FactTrie:
         return self._t.next_tokens(int(state))
 
     def contains(self, sequence) -> bool:
-        """True iff ``sequence`` (token ids) is exactly one of the stored facts."""
-        s = self.state_of(sequence)
+        """True iff ``sequence`` (token ids) is exactly one of the stored facts.
+
+        Raises:
+            InvalidInputError: ``sequence`` does not hold integers.
+        """
+        s = int(self._t.walk(_as_states(sequence, "sequence").reshape(-1)))
         return s != DEAD_STATE and bool(self._t.is_complete(np.array([s], dtype=np.int64))[0])
 
     def step(self, states, tokens) -> np.ndarray:

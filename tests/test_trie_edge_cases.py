@@ -174,3 +174,12 @@ def test_corrupted_data_section_is_the_files_fault(tmp_path, seed):
             _walk_everything(FactTrie.load(bad), facts)
         except FileFormatError:
             pass
+
+
+def test_errors_name_the_argument(trie):
+    with pytest.raises(InvalidInputError, match="^sequence must hold integers"):
+        trie.contains("abc")
+    with pytest.raises(InvalidInputError, match="^prefix must hold integers"):
+        trie.next_tokens([1.5])
+    with pytest.raises(InvalidInputError, match="^tokens must hold integers"):
+        trie.step([trie.root_state], [1.0])

@@ -61,8 +61,10 @@ def knn_search(
         keys: ``(num_keys, dim)`` float32/float16/bfloat16 (e.g. ``torch.from_numpy`` of a numpy
             memmap of a datastore). Rows must be contiguous (``keys.stride(1) == 1``) for the
             native backends; assumed finite (not scanned: it may be gigabytes).
-        k: number of neighbours per query, ``>= 1``. ``k > num_keys`` is allowed: the missing
-            neighbours get id ``-1`` and distance ``+inf`` (``"ip"``: ``-inf``), as in faiss.
+        k: number of neighbours per query, an int (Python or numpy) ``>= 1``. ``k > num_keys`` is
+            allowed: the missing neighbours get id ``-1`` and distance ``+inf`` (``"ip"``:
+            ``-inf``), as in faiss. The outputs take ``12 * num_queries * k`` bytes whatever
+            ``num_keys`` is (an impossible allocation raises torch's ``RuntimeError``).
         metric: ``"l2"``: squared Euclidean distance ``||q - x||^2``, ascending (faiss
             ``IndexFlatL2``); ``"ip"``: inner product ``<q, x>``, descending (``IndexFlatIP``).
         backend: ``"auto"`` (``cpu`` for CPU tensors, ``triton`` for CUDA tensors), ``"cpu"``,
