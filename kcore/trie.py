@@ -274,8 +274,8 @@ class FactTrie:
             **build_kwargs: ``memory_budget_bytes``, ``progress``, ``tmp_dir`` of :meth:`build`.
 
         Raises:
-            InvalidInputError: a fact that is not a string or is empty / whitespace only (the
-                message names its index), or a token id >= len(tokenizer).
+            InvalidInputError: ``facts`` is a single string; a fact that is not a string or is
+                empty / whitespace only (the message names its index), or a token id >= len(tokenizer).
         """
         from kcore.tokenizer import tokenizer_fingerprint
 
@@ -283,6 +283,8 @@ class FactTrie:
             raise InvalidInputError("from_facts takes vocab_size and tokenizer_fingerprint from the tokenizer")
         if batch_size < 1:
             raise InvalidInputError(f"batch_size must be >= 1, got {batch_size}")
+        if isinstance(facts, (str, bytes)):  # iterating it would make one "fact" per character
+            raise InvalidInputError(f"facts must be an iterable of strings, got a single {type(facts).__name__}: {facts[:40]!r}")
         fingerprint = tokenizer_fingerprint(tokenizer)
         vocab_size = len(tokenizer)
         total = len(facts) if hasattr(facts, "__len__") else None

@@ -183,3 +183,20 @@ def test_errors_name_the_argument(trie):
         trie.next_tokens([1.5])
     with pytest.raises(InvalidInputError, match="^tokens must hold integers"):
         trie.step([trie.root_state], [1.0])
+
+
+class _CharTokenizer:
+    """Just enough of a Hugging Face tokenizer for from_facts' argument checks."""
+
+    def __len__(self):
+        return 256
+
+    def get_vocab(self):
+        return {chr(i): i for i in range(256)}
+
+
+@pytest.mark.parametrize("facts", ["France capital Paris .", b"France capital Paris ."])
+def test_from_facts_rejects_a_single_string(tmp_path, facts):
+    # Before: the string was iterated character by character ("fact 6 is empty or whitespace only").
+    with pytest.raises(InvalidInputError, match="iterable of strings, got a single"):
+        FactTrie.from_facts(facts, _CharTokenizer(), tmp_path / "s.ktrie", progress=False)
