@@ -30,7 +30,8 @@ loaded trie keeps reading the old version, a new :meth:`FactTrie.load` sees the 
 
 Cursor states are ``int64`` values (opaque; ``-1`` = dead, no fact continues). They are valid only
 for the trie that produced them (a state of another trie is rejected when it is not a node
-offset of this one; when it happens to be one, the answer is meaningless). All batched calls run in one C++ call with the GIL released; a
+offset of this one; when it happens to be one, the answer is meaningless, or a FileFormatError
+when the offset falls inside a record). All batched calls run in one C++ call with the GIL released; a
 loaded trie may be read from many threads at once.
 """
 
