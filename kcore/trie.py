@@ -23,13 +23,21 @@ Limits of format version 1: vocab_size <= 2^24, fewer than 2^31 distinct facts, 
 below 4 GiB (about 400M facts of the geonames shape). Building keeps the automaton in memory (about
 40 bytes per DAG edge while building); the facts themselves may exceed memory (external sort).
 
+A loaded file must not be modified in place (truncated or overwritten through the same inode):
+like any ``mmap`` reader, the process would then read changed bytes or die of ``SIGBUS`` on pages
+past the new end. Replacing the file by a rename, as :meth:`FactTrie.build` does, is safe: a
+loaded trie keeps reading the old version, a new :meth:`FactTrie.load` sees the new one.
+
 Cursor states are ``int64`` values (opaque; ``-1`` = dead, no fact continues). They are valid only
-for the trie that produced them. All batched calls run in one C++ call with the GIL released; a
+for the trie that produced them (a state of another trie is rejected when it is not a node
+offset of this one; when it happens to be one, the answer is meaningless, or a FileFormatError
+when the offset falls inside a record). All batched calls run in one C++ call with the GIL released; a
 loaded trie may be read from many threads at once.
 """
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 from typing import Iterable, Optional, Tuple
@@ -46,6 +54,14 @@ _DEFAULT_BUDGET = 1 << 30
 _CHUNK = 1 << 16
 
 
+def _to_int64(a: np.ndarray) -> np.ndarray:
+    """Integer array as int64; uint64 values above the int64 range saturate instead of wrapping to
+    negative numbers (which would make error messages name a wrong id)."""
+    if a.dtype == np.uint64 and a.size and a.max() > np.iinfo(np.int64).max:
+        a = np.minimum(a, np.uint64(np.iinfo(np.int64).max))
+    return a.astype(np.int64)
+
+
 def _as_states(x, name: str) -> np.ndarray:
     if type(x) is np.ndarray and x.dtype == np.int64:
         return x
@@ -58,7 +74,7 @@ def _as_states(x, name: str) -> np.ndarray:
         return a.astype(np.int64)
     if a.dtype.kind not in "iu":
         raise InvalidInputError(f"{name} must hold integers, got dtype {a.dtype}")
-    return a.astype(np.int64)
+    return _to_int64(a)
 
 
 def _flatten_chunk(batch: list, first_index: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -78,7 +94,7 @@ def _flatten_chunk(batch: list, first_index: int) -> Tuple[np.ndarray, np.ndarra
                 raise InvalidInputError(
                     f"fact {first_index + i} must be a 1-D integer array, got shape {s.shape} dtype {s.dtype}"
                 )
-        tokens = np.concatenate(batch).astype(np.int64, copy=False) if batch else np.zeros(0, np.int64)
+        tokens = _to_int64(np.concatenate(batch)) if batch else np.zeros(0, np.int64)
         return tokens, offsets
     for i, s in enumerate(batch):
         if isinstance(s, (str, bytes)):
@@ -91,9 +107,12 @@ def _flatten_chunk(batch: list, first_index: int) -> Tuple[np.ndarray, np.ndarra
         for i, s in enumerate(batch):
             if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in s):
                 raise InvalidInputError(f"fact {first_index + i} must hold integer token ids, got {list(s)[:8]}")
+            big = next((t for t in s if not -(1 << 63) <= int(t) < 1 << 63), None)
+            if big is not None:  # numpy cannot hold it: name the fact here, as the builder would
+                raise InvalidInputError(f"fact {first_index + i} has token id {big}, outside the int64 range")
         tokens = np.array(list(itertools.chain.from_iterable(batch)), dtype=np.int64)
     if tokens.dtype != np.int64 or tokens.ndim != 1:
-        tokens = tokens.astype(np.int64).reshape(-1)
+        tokens = _to_int64(tokens).reshape(-1)
     return tokens, offsets
 
 
@@ -111,7 +130,7 @@ def _iter_chunks(sequences, chunk_size: int):
             block = np.ascontiguousarray(sequences[start : start + chunk_size])
             tokens = block.reshape(-1)
             if tokens.dtype not in (np.int32, np.int64):
-                tokens = tokens.astype(np.int64)
+                tokens = _to_int64(tokens)
             yield tokens, np.arange(block.shape[0] + 1, dtype=np.int64) * cols
         return
     it = iter(sequences)
@@ -212,7 +231,7 @@ class FactTrie:
         if offsets.ndim != 1 or offsets.size < 1 or offsets.dtype.kind not in "iu":
             raise InvalidInputError(f"offsets must be a 1-D integer array of num_facts + 1 elements, got {offsets.shape}")
         if tokens.dtype not in (np.int32, np.int64):
-            tokens = tokens.astype(np.int64)
+            tokens = _to_int64(tokens)
         offsets = offsets.astype(np.int64, copy=False)
         if offsets[0] != 0 or offsets[-1] != tokens.size or np.any(np.diff(offsets) < 0):
             raise InvalidInputError(
@@ -256,8 +275,8 @@ class FactTrie:
             **build_kwargs: ``memory_budget_bytes``, ``progress``, ``tmp_dir`` of :meth:`build`.
 
         Raises:
-            InvalidInputError: a fact that is not a string or is empty / whitespace only (the
-                message names its index), or a token id >= len(tokenizer).
+            InvalidInputError: ``facts`` is a single string; a fact that is not a string or is
+                empty / whitespace only (the message names its index), or a token id >= len(tokenizer).
         """
         from kcore.tokenizer import tokenizer_fingerprint
 
@@ -265,6 +284,8 @@ class FactTrie:
             raise InvalidInputError("from_facts takes vocab_size and tokenizer_fingerprint from the tokenizer")
         if batch_size < 1:
             raise InvalidInputError(f"batch_size must be >= 1, got {batch_size}")
+        if isinstance(facts, (str, bytes)):  # iterating it would make one "fact" per character
+            raise InvalidInputError(f"facts must be an iterable of strings, got a single {type(facts).__name__}: {facts[:40]!r}")
         fingerprint = tokenizer_fingerprint(tokenizer)
         vocab_size = len(tokenizer)
         total = len(facts) if hasattr(facts, "__len__") else None
@@ -311,6 +332,8 @@ class FactTrie:
         tmp_dir=None,
     ) -> "FactTrie":
         path = os.fspath(path)
+        if os.path.isdir(path):  # checked now, not after a long build when the rename fails
+            raise IsADirectoryError(f"cannot write the trie to '{path}': it is a directory; give a file path")
         if not isinstance(tokenizer_fingerprint, str):
             raise InvalidInputError(f"tokenizer_fingerprint must be a str, got {type(tokenizer_fingerprint).__name__}")
         if isinstance(memory_budget_bytes, bool) or not isinstance(memory_budget_bytes, (int, np.integer)) or memory_budget_bytes < 1:
@@ -346,11 +369,20 @@ class FactTrie:
             FileFormatError: not a kcore trie, truncated, corrupted, other format version (the
                 message names the file and the problem).
             TokenizerMismatchError: the trie was built for another tokenizer.
-            OSError: the file cannot be opened.
+            OSError: the file cannot be opened (``FileNotFoundError`` if missing,
+                ``IsADirectoryError`` for a directory).
+
+        The file must not be modified in place while loaded (see the module docs); replace it by a
+        rename instead, as :meth:`build` does.
         """
         if verify not in ("header", "full"):
             raise InvalidInputError(f"verify must be 'header' or 'full', got {verify!r}")
-        t = cls(native().Trie(os.fspath(path), verify == "full"))
+        path = os.fspath(path)
+        if os.path.isdir(path):  # mmap would answer a cryptic "No such device"
+            raise IsADirectoryError(f"cannot load a trie from '{path}': it is a directory, not a .ktrie file")
+        if not os.path.exists(path):  # the subclass, so `except FileNotFoundError` works
+            raise FileNotFoundError(errno.ENOENT, "no trie file here (build one with FactTrie.build)", path)
+        t = cls(native().Trie(path, verify == "full"))
         if tokenizer is not None:
             t.check_tokenizer(tokenizer)
         return t
@@ -433,7 +465,12 @@ class FactTrie:
     # ------------------------------------------------------------------ queries
 
     def state_of(self, prefix) -> int:
-        """The cursor state after ``prefix`` (token ids) from the root; ``-1`` if no fact starts so."""
+        """The cursor state after ``prefix`` (token ids, list / 1-D numpy array / torch tensor)
+        from the root; ``-1`` if no fact starts so (ids outside the vocabulary included).
+
+        Raises:
+            InvalidInputError: ``prefix`` does not hold integers.
+        """
         return int(self._t.walk(_as_states(prefix, "prefix").reshape(-1)))
 
     def next_tokens(self, prefix) -> np.ndarray:
@@ -446,6 +483,9 @@ class FactTrie:
             ``np.ndarray[int32]`` of shape ``(num_next,)``, ascending; empty if no fact starts
             with ``prefix`` (ids outside the vocabulary included) or ``prefix`` is a whole fact
             with no extension.
+
+        Raises:
+            InvalidInputError: ``prefix`` does not hold integers.
         """
         return self._t.next_tokens(self.state_of(prefix))
 
@@ -458,8 +498,12 @@ class FactTrie:
         return self._t.next_tokens(int(state))
 
     def contains(self, sequence) -> bool:
-        """True iff ``sequence`` (token ids) is exactly one of the stored facts."""
-        s = self.state_of(sequence)
+        """True iff ``sequence`` (token ids) is exactly one of the stored facts.
+
+        Raises:
+            InvalidInputError: ``sequence`` does not hold integers.
+        """
+        s = int(self._t.walk(_as_states(sequence, "sequence").reshape(-1)))
         return s != DEAD_STATE and bool(self._t.is_complete(np.array([s], dtype=np.int64))[0])
 
     def step(self, states, tokens) -> np.ndarray:

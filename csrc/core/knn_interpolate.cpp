@@ -42,9 +42,10 @@ inline float logit_at(const void* row, int64_t i) {
   else return simd::bf16_to_float(static_cast<const uint16_t*>(row)[i]);
 }
 
-// out = logits - lse + offset, returns nothing; lse = log(sum(exp(logits))).
+// out = logits - lse + offset; lse = log(sum(exp(logits))). Returns false (out undefined) when lse
+// is not finite: a NaN or +inf logit, or every logit -inf, where log_softmax has no meaning.
 template <KnnDType DT>
-void log_softmax_row(const void* row, int64_t vocab, float offset, float* out) {
+bool log_softmax_row(const void* row, int64_t vocab, float offset, float* out) {
   const int64_t full = vocab / simd::kLanes * simd::kLanes;
   constexpr int64_t kStep = 4 * simd::kLanes;  // four independent chains hide the latencies
   const int64_t full4 = vocab / kStep * kStep;
@@ -62,9 +63,18 @@ void log_softmax_row(const void* row, int64_t vocab, float offset, float* out) {
   double s = simd::hsum((vs[0] + vs[1]) + (vs[2] + vs[3]));
   for (int64_t i = full; i < vocab; ++i) s += std::exp(static_cast<double>(logit_at<DT>(row, i)) - m);
   const float shift = static_cast<float>(m + std::log(s)) - offset;
+  if (!std::isfinite(shift)) return false;
   const v16f vsh = simd::splat(shift);
   for (int64_t i = 0; i < full; i += simd::kLanes) simd::store(out + i, load_logits<DT>(row, i) - vsh);
   for (int64_t i = full; i < vocab; ++i) out[i] = logit_at<DT>(row, i) - shift;
+  return true;
+}
+
+template <KnnDType DT>
+void log_softmax_row_checked(const void* row, int64_t vocab, float offset, float* out, int64_t b) {
+  if (!log_softmax_row<DT>(row, vocab, offset, out))
+    throw InvalidInput("lm_logits row " + std::to_string(b) +
+                       " has no finite log-sum-exp (a NaN or +inf logit, or every logit -inf)");
 }
 
 // Per-thread scratch for one row's kNN side. `acc` (vocab floats) is all zero between rows: only
@@ -148,7 +158,7 @@ void mix_knn_fast(RowScratch& w, int64_t n, float smax, float log_lmbda, float* 
 }
 
 template <KnnDType DT, typename IdT>
-void interpolate_row(const void* row, int64_t vocab, const float* dists, const IdT* values, int64_t k,
+void interpolate_row(const void* row, int64_t b, int64_t vocab, const float* dists, const IdT* values, int64_t k,
                      double lmbda, float score_scale, float* out, RowScratch& w) {
   int64_t n = 0;
   for (int64_t j = 0; j < k; ++j) {
@@ -165,11 +175,11 @@ void interpolate_row(const void* row, int64_t vocab, const float* dists, const I
     ++n;
   }
   if (n == 0 || lmbda == 0.0) {
-    log_softmax_row<DT>(row, vocab, 0.f, out);
+    log_softmax_row_checked<DT>(row, vocab, 0.f, out, b);
     return;
   }
   if (lmbda < 1.0) {
-    log_softmax_row<DT>(row, vocab, static_cast<float>(std::log1p(-lmbda)), out);
+    log_softmax_row_checked<DT>(row, vocab, static_cast<float>(std::log1p(-lmbda)), out, b);
   } else {
     std::fill(out, out + vocab, kNegInf);
   }
@@ -197,7 +207,7 @@ void interpolate_all(const void* logits, int64_t batch, int64_t vocab, int64_t s
     w.score.resize(static_cast<size_t>(k));
     for (int64_t b = b0; b < b1; ++b) {
       const void* row = static_cast<const char*>(logits) + static_cast<size_t>(b * stride) * esize;
-      interpolate_row<DT, IdT>(row, vocab, dists + b * k, values + b * k, k, lmbda,
+      interpolate_row<DT, IdT>(row, b, vocab, dists + b * k, values + b * k, k, lmbda,
                                static_cast<float>(inv_temp_signed), out + b * vocab, w);
     }
   });

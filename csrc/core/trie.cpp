@@ -223,7 +223,11 @@ int64_t Trie::step(int64_t s, int64_t tok) const {
   const int64_t i = find(n, static_cast<uint32_t>(tok));
   if (i < 0) return kDead;
   const uint32_t ci = static_cast<uint32_t>(i);
-  return make_state(target(n, ci), state_rank(s) + child_rank(n, ci));
+  const uint64_t rank = state_rank(s) + child_rank(n, ci);
+  // Every child has at least one fact below it, so a valid file keeps rank < num_facts; checked
+  // here so that corrupted counts are reported as the file's fault, not as a bad state later.
+  if (rank >= h_.num_facts) corrupt("fact rank " + std::to_string(rank) + " out of range (corrupted leaf counts)");
+  return make_state(target(n, ci), rank);
 }
 
 bool Trie::is_complete(int64_t s) const {

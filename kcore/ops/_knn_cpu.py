@@ -17,6 +17,8 @@ def knn_search(queries: torch.Tensor, keys: torch.Tensor, k: int, metric: str):
     q = queries.to(torch.float32).contiguous()
     if keys.shape[0] > 0 and keys.stride(1) != 1:
         keys = keys.contiguous()  # the kernel reads whole rows; a column-strided view is copied once
+    elif keys.shape[0] > 1 and keys.stride(0) < dim:
+        keys = keys.contiguous()  # overlapping rows (e.g. ``expand``): the kernel needs stride >= dim
     dists = torch.empty((nq, k), dtype=torch.float32)
     ids = torch.empty((nq, k), dtype=torch.int64)
     native().knn_search(
@@ -28,8 +30,8 @@ def knn_search(queries: torch.Tensor, keys: torch.Tensor, k: int, metric: str):
 
 def knn_interpolate(lm_logits, dists, values, lmbda: float, temperature: float, metric: str):
     batch, vocab = lm_logits.shape
-    if lm_logits.stride(1) != 1:
-        lm_logits = lm_logits.contiguous()
+    if lm_logits.stride(1) != 1 or (batch > 1 and lm_logits.stride(0) < vocab):
+        lm_logits = lm_logits.contiguous()  # column-strided or overlapping rows (e.g. ``expand``)
     dists = dists.contiguous()
     values = values.contiguous()
     out = torch.empty((batch, vocab), dtype=torch.float32)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import operator
 from typing import Optional, Sequence, Union
 
+import numpy as np
 import torch
 from torch.autograd.graph import increment_version
 
@@ -85,9 +86,11 @@ def bitmask_to_bool(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
     Raises:
         InvalidInputError: ``bitmask`` is not 2-D int32 or has fewer than ``ceil(vocab_size / 32)``
-            words per row.
+            words per row; ``vocab_size`` is not an int >= 0.
     """
     check_tensor("bitmask", bitmask, ndim=2, dtypes=(torch.int32,), dims="(batch, words)")
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 0:
+        raise InvalidInputError(f"vocab_size must be an int >= 0, got {vocab_size!r}")
     if bitmask.shape[1] * 32 < vocab_size:
         raise InvalidInputError(
             f"bitmask must have >= ceil(vocab_size / 32) = {(vocab_size + 31) // 32} words per row, got {bitmask.shape[1]}"
@@ -118,8 +121,8 @@ def apply_token_bitmask_(
             allowed. A wider bitmask (built for a padded vocab) is accepted: bits for tokens
             ``>= vocab`` (``logits.shape[1]``) are ignored. Rows may be strided, stride 0
             included (one mask broadcast with ``bitmask.expand(batch, -1)``).
-        indices: optional 1-D int32/int64 tensor (CPU or ``logits``' device) or sequence of ints
-            ``(num_indices,)``: only these rows are masked, row ``r`` with bitmask row ``r``; other
+        indices: optional 1-D int32/int64 tensor (CPU or ``logits``' device), 1-D integer numpy
+            array, or sequence of ints (list, tuple, range) ``(num_indices,)``: only these rows are masked, row ``r`` with bitmask row ``r``; other
             rows are untouched. Without it ``bitmask_batch`` must equal ``batch``. Each index must
             be in ``[0, min(batch, bitmask_batch))`` (for indices on a GPU this check reads them
             back: one device sync; pass a list to avoid it). Duplicates are allowed.
@@ -134,18 +137,32 @@ def apply_token_bitmask_(
     Raises:
         InvalidInputError: wrong type, rank, dtype, device, contiguity or shape of ``logits``,
             ``bitmask`` or ``indices``; a bitmask narrower than ``ceil(vocab / 32)``; an index out
-            of range.
+            of range; ``logits`` a leaf tensor that requires grad (as for any in-place torch op).
         BackendUnavailableError: the chosen backend cannot run here.
 
     Registered as the torch custom op ``torch.ops.kcore.apply_token_bitmask_`` (mutating
     ``logits``, with a fake implementation) so it works under ``torch.compile``. In eager mode the
-    call goes straight to the kernel, skipping the dispatcher's ~10 us per call.
+    call goes straight to the kernel, skipping the dispatcher's ~10 us per call. When autograd
+    records (``logits.requires_grad`` with grad mode on) the ``torch`` backend runs instead, so the
+    gradient of masked logits is 0, as for ``masked_fill_``.
     """
     idx = _check_args(logits, bitmask, indices)
     if idx is not None and idx.numel() == 0:
         return
     if torch.compiler.is_compiling():
         torch.ops.kcore.apply_token_bitmask_(logits, bitmask, idx, backend)
+    elif logits.requires_grad and torch.is_grad_enabled():
+        # The kernels write through raw pointers, invisible to autograd: masked positions would
+        # pass gradient through. The torch reference records a differentiable masked_fill_.
+        if logits.is_leaf:
+            raise InvalidInputError(
+                "logits is a leaf tensor that requires grad: it cannot be masked in place; "
+                "pass logits.detach() or a tensor computed from it"
+            )
+        resolve_backend(backend, logits.device, supported=BACKENDS)  # still reject unknown names
+        if idx is not None:
+            _check_index_values(idx, logits, bitmask)
+        _apply_torch(logits, bitmask, idx)
     else:
         _apply(logits, bitmask, idx, backend)
 
@@ -189,7 +206,13 @@ def _check_args(logits, bitmask, indices: IndicesLike) -> Optional[torch.Tensor]
         if indices.device != logits.device and indices.device.type != "cpu":
             raise InvalidInputError(f"indices must be on the CPU or on logits' device {logits.device}, got {indices.device}")
         return indices.to(device=logits.device, dtype=torch.int64).contiguous()
-    if isinstance(indices, (list, tuple)):
+    if isinstance(indices, np.ndarray):
+        if indices.ndim != 1 or indices.dtype.kind not in "iu":
+            raise InvalidInputError(
+                f"indices must be a 1-D integer array, got dtype {indices.dtype} and shape {indices.shape}"
+            )
+        indices = indices.tolist()
+    if isinstance(indices, (list, tuple, range)):
         try:
             if any(isinstance(i, bool) for i in indices):
                 raise TypeError

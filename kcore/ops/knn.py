@@ -20,6 +20,7 @@ dispatcher to keep the per-call overhead low.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Tuple
 
 import torch
@@ -60,8 +61,10 @@ def knn_search(
         keys: ``(num_keys, dim)`` float32/float16/bfloat16 (e.g. ``torch.from_numpy`` of a numpy
             memmap of a datastore). Rows must be contiguous (``keys.stride(1) == 1``) for the
             native backends; assumed finite (not scanned: it may be gigabytes).
-        k: number of neighbours per query, ``>= 1``. ``k > num_keys`` is allowed: the missing
-            neighbours get id ``-1`` and distance ``+inf`` (``"ip"``: ``-inf``), as in faiss.
+        k: number of neighbours per query, an int (Python or numpy) ``>= 1``. ``k > num_keys`` is
+            allowed: the missing neighbours get id ``-1`` and distance ``+inf`` (``"ip"``:
+            ``-inf``), as in faiss. The outputs take ``12 * num_queries * k`` bytes whatever
+            ``num_keys`` is (an impossible allocation raises torch's ``RuntimeError``).
         metric: ``"l2"``: squared Euclidean distance ``||q - x||^2``, ascending (faiss
             ``IndexFlatL2``); ``"ip"``: inner product ``<q, x>``, descending (``IndexFlatIP``).
         backend: ``"auto"`` (``cpu`` for CPU tensors, ``triton`` for CUDA tensors), ``"cpu"``,
@@ -85,6 +88,7 @@ def knn_search(
         BackendUnavailableError: the chosen backend cannot run here.
     """
     backend = _check_search_args(queries, keys, k, metric, backend)
+    k = int(k)
     if torch.compiler.is_compiling():
         return torch.ops.kcore.knn_search(queries, keys, k, metric, backend)
     return _knn_search_impl(queries, keys, k, metric, backend)
@@ -101,7 +105,7 @@ def _check_search_args(queries, keys, k, metric, backend) -> str:
         )
     if queries.shape[1] < 1:
         raise InvalidInputError(f"dim must be >= 1, got queries of shape {tuple(queries.shape)}")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
         raise InvalidInputError(f"k must be an int >= 1, got {k!r}")
     if metric not in _METRICS:
         raise InvalidInputError(f"metric must be one of {_METRICS}, got {metric!r}")
@@ -180,7 +184,9 @@ def knn_interpolate(
     ``log_softmax(lm_logits)``.
 
     Args:
-        lm_logits: ``(batch, vocab)`` float32/float16/bfloat16 next-token logits.
+        lm_logits: ``(batch, vocab)`` float32/float16/bfloat16 next-token logits; ``-inf`` entries
+            (masked tokens) are fine, but a row whose LM side is used (``lmbda < 1`` or no valid
+            neighbour) needs at least one finite logit and no NaN or ``+inf``.
         dists: ``(batch, k)`` float32 neighbour scores as returned by :func:`knn_search` (squared
             L2 distances for ``"l2"``, inner products for ``"ip"``); must be finite where the
             neighbour is valid.
@@ -193,15 +199,22 @@ def knn_interpolate(
 
     Returns:
         ``(batch, vocab)`` float32 log-probabilities (a new tensor on the device of ``lm_logits``).
+        When autograd records (``lm_logits`` or ``dists`` requires grad, grad mode on) the
+        differentiable ``torch`` backend runs whatever ``backend`` says.
 
     Raises:
         InvalidInputError: wrong rank, dtype, device or shape; ``lmbda`` outside ``[0, 1]``;
             ``temperature <= 0``; a token id ``>= vocab`` or ``< -1``; a non-finite score of a
-            valid neighbour; unknown metric.
+            valid neighbour; a used ``lm_logits`` row with NaN, ``+inf`` or only ``-inf``
+            (``cpu`` and ``torch``; ``triton`` returns NaN there); unknown metric.
         BackendUnavailableError: the chosen backend cannot run here.
     """
     backend = _check_interp_args(lm_logits, dists, values, lmbda, temperature, metric, backend)
     lmbda, temperature = float(lmbda), float(temperature)
+    if backend != "torch" and torch.is_grad_enabled() and (lm_logits.requires_grad or dists.requires_grad):
+        # The fused kernels are not differentiable: their output would silently drop the
+        # gradient. The torch reference is (with respect to lm_logits and dists).
+        backend = "torch"
     if torch.compiler.is_compiling():
         return torch.ops.kcore.knn_interpolate(lm_logits, dists, values, lmbda, temperature, metric, backend)
     return _knn_interpolate_impl(lm_logits, dists, values, lmbda, temperature, metric, backend)
@@ -218,11 +231,12 @@ def _check_interp_args(lm_logits, dists, values, lmbda, temperature, metric, bac
         )
     if lm_logits.shape[1] < 1:
         raise InvalidInputError(f"lm_logits must have vocab >= 1, got shape {tuple(lm_logits.shape)}")
-    if isinstance(lmbda, bool) or not isinstance(lmbda, (int, float)) or not 0.0 <= lmbda <= 1.0:
+    # numbers.Real: Python and numpy scalars alike (a tuned lmbda often comes out of numpy).
+    if isinstance(lmbda, bool) or not isinstance(lmbda, numbers.Real) or not 0.0 <= lmbda <= 1.0:
         raise InvalidInputError(f"lmbda must be a float in [0, 1], got {lmbda!r}")
     if (
         isinstance(temperature, bool)
-        or not isinstance(temperature, (int, float))
+        or not isinstance(temperature, numbers.Real)
         or not math.isfinite(temperature)
         or temperature <= 0
     ):
@@ -261,9 +275,15 @@ def _knn_interpolate_torch(lm_logits, dists, values, lmbda, temperature, metric)
     subtracted first), so a token's kNN log-probability never underflows to ``-inf``."""
     lm_logp = torch.log_softmax(lm_logits.float(), dim=-1)
     batch, vocab = lm_logp.shape
+    valid = values >= 0
+    has_knn = valid.any(dim=1, keepdim=True)
+    lm_used = ~has_knn[:, 0] if lmbda == 1.0 else torch.ones(batch, dtype=torch.bool, device=lm_logp.device)
+    bad = lm_used & ~torch.isfinite(torch.logsumexp(lm_logits.float(), dim=-1))
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise InvalidInputError(f"lm_logits row {row} has no finite log-sum-exp (a NaN or +inf logit, or every logit -inf)")
     if lmbda == 0.0 or values.shape[1] == 0:
         return lm_logp
-    valid = values >= 0
     sign = -1.0 if metric == "l2" else 1.0
     scores = torch.where(valid, dists * (sign / temperature), torch.full_like(dists, -math.inf))
     tok = torch.where(valid, values.long(), torch.zeros_like(values, dtype=torch.long))
@@ -274,9 +294,10 @@ def _knn_interpolate_torch(lm_logits, dists, values, lmbda, temperature, metric)
     contrib = torch.where(valid, torch.exp(scores - torch.where(valid, shift, 0.0)), 0.0)
     tok_sum = torch.zeros((batch, vocab), device=lm_logp.device).scatter_add_(1, tok, contrib)
     knn_logp = torch.log(tok_sum) + tok_max - lse_all  # -inf where no neighbour has the token
-    log_1m = math.log1p(-lmbda) if lmbda < 1.0 else -math.inf
-    mixed = torch.logaddexp(lm_logp + log_1m, knn_logp + math.log(lmbda))
-    has_knn = valid.any(dim=1, keepdim=True)
+    if lmbda == 1.0:
+        mixed = knn_logp  # the LM side has weight 0 (its logits are not read: they may be NaN)
+    else:
+        mixed = torch.logaddexp(lm_logp + math.log1p(-lmbda), knn_logp + math.log(lmbda))
     return torch.where(has_knn, mixed, lm_logp)
 
 
