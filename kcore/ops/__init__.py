@@ -11,6 +11,9 @@ import importlib
 
 _LAZY = {
     "apply_token_bitmask_": "kcore.ops.bitmask",
+    "allocate_token_bitmask": "kcore.ops.bitmask",
+    "bitmask_from_bool": "kcore.ops.bitmask",
+    "bitmask_to_bool": "kcore.ops.bitmask",
     "knn_search": "kcore.ops.knn",
     "knn_interpolate": "kcore.ops.knn",
     "memory_attention": "kcore.ops.memory_attention",
