@@ -1,0 +1,363 @@
+#include "core/memory_attention.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "core/errors.h"
+#include "core/parallel.h"
+
+namespace kcore {
+namespace {
+
+// GCC/Clang vector extension: 8 float lanes (one AVX register; two SSE/NEON registers).
+typedef float v8f __attribute__((vector_size(32)));
+
+constexpr int64_t kKeyBlock = 32;     // keys scored per block (transposed into an L1 tile)
+constexpr int64_t kQueryTile = 32;    // queries sharing one pass over a key range
+constexpr int64_t kMinSplitKeys = 2048;  // fewest keys a thread streams when a range is split
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+inline v8f load8(const float* p) {
+  v8f v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof v); }
+inline v8f splat8(float x) { return v8f{x, x, x, x, x, x, x, x}; }
+
+inline float bf16_to_f32(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+inline float f16_to_f32(uint16_t h) {
+#if defined(__FLT16_MAX__)
+  _Float16 x;
+  std::memcpy(&x, &h, sizeof x);
+  return static_cast<float>(x);
+#else
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu;
+  uint32_t u;
+  if (exp == 0) {
+    float f = std::ldexp(static_cast<float>(mant), -24);  // zero or subnormal
+    std::memcpy(&u, &f, sizeof u);
+    u |= sign;
+  } else if (exp == 31) {
+    u = sign | 0x7f800000u | (mant << 13);
+  } else {
+    u = sign | ((exp + 112) << 23) | (mant << 13);
+  }
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+#endif
+}
+
+template <MemElemType T>
+struct Elem;
+template <>
+struct Elem<MemElemType::f32> {
+  using type = float;
+  static float to_f32(float x) { return x; }
+};
+template <>
+struct Elem<MemElemType::f16> {
+  using type = uint16_t;
+  static float to_f32(uint16_t x) { return f16_to_f32(x); }
+};
+template <>
+struct Elem<MemElemType::bf16> {
+  using type = uint16_t;
+  static float to_f32(uint16_t x) { return bf16_to_f32(x); }
+};
+
+template <MemElemType T>
+inline const typename Elem<T>::type* row_ptr(const MemoryTensor& t, int64_t head, int64_t row) {
+  return static_cast<const typename Elem<T>::type*>(t.data) + head * t.stride_head + row * t.stride_row;
+}
+
+// Scores of 4 queries (rows of q, stride head_dim) against 16 keys of a transposed block kt
+// (head_dim, kKeyBlock): s (4, kKeyBlock) row-major. The 8 accumulators stay in registers.
+inline void score_4x16(const float* q, int64_t d_len, const float* kt, float* s) {
+  v8f c00{}, c01{}, c10{}, c11{}, c20{}, c21{}, c30{}, c31{};
+  const float *q0 = q, *q1 = q + d_len, *q2 = q + 2 * d_len, *q3 = q + 3 * d_len;
+  for (int64_t d = 0; d < d_len; ++d) {
+    const v8f k0 = load8(kt + d * kKeyBlock), k1 = load8(kt + d * kKeyBlock + 8);
+    const v8f b0 = splat8(q0[d]), b1 = splat8(q1[d]), b2 = splat8(q2[d]), b3 = splat8(q3[d]);
+    c00 += b0 * k0;
+    c01 += b0 * k1;
+    c10 += b1 * k0;
+    c11 += b1 * k1;
+    c20 += b2 * k0;
+    c21 += b2 * k1;
+    c30 += b3 * k0;
+    c31 += b3 * k1;
+  }
+  store8(s, c00);
+  store8(s + 8, c01);
+  store8(s + kKeyBlock, c10);
+  store8(s + kKeyBlock + 8, c11);
+  store8(s + 2 * kKeyBlock, c20);
+  store8(s + 2 * kKeyBlock + 8, c21);
+  store8(s + 3 * kKeyBlock, c30);
+  store8(s + 3 * kKeyBlock + 8, c31);
+}
+
+// 16 float lanes: one AVX-512 register, or two AVX ones on machines without AVX-512.
+typedef float v16f __attribute__((vector_size(64)));
+typedef float v4f __attribute__((vector_size(16)));
+
+inline v16f load16(const float* p) {
+  v16f v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline float hsum16(v16f v) {
+  v8f lo, hi;
+  std::memcpy(&lo, &v, sizeof lo);
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof lo, sizeof hi);
+  const v8f s8 = lo + hi;
+  v4f a, b;
+  std::memcpy(&a, &s8, sizeof a);
+  std::memcpy(&b, reinterpret_cast<const char*>(&s8) + sizeof a, sizeof b);
+  const v4f s4 = a + b;
+  return (s4[0] + s4[1]) + (s4[2] + s4[3]);
+}
+
+// Scores of NQ queries (rows of q, stride head_dim) against one key row k: s[i * s_stride].
+// Decode has 1-4 queries per KV head; the key row is loaded once for all of them.
+template <int NQ>
+inline void score_rows(const float* q, int64_t d_len, const float* k, float* s, int64_t s_stride) {
+  v16f c[NQ] = {};
+  int64_t d = 0;
+  for (; d + 16 <= d_len; d += 16) {
+    const v16f kv = load16(k + d);
+    for (int i = 0; i < NQ; ++i) c[i] += load16(q + i * d_len + d) * kv;
+  }
+  for (int i = 0; i < NQ; ++i) {
+    float acc = hsum16(c[i]);
+    for (int64_t t = d; t < d_len; ++t) acc += q[i * d_len + t] * k[t];
+    s[i * s_stride] = acc;
+  }
+}
+
+// Inserts (score, id) into the descending list vals/ids of length k; the caller checked that
+// score beats the last entry. Equal scores keep the earlier entry first.
+inline void topk_insert(float* vals, int32_t* ids, int64_t k, float score, int32_t id) {
+  int64_t p = k - 1;
+  while (p > 0 && vals[p - 1] < score) {
+    vals[p] = vals[p - 1];
+    ids[p] = ids[p - 1];
+    --p;
+  }
+  vals[p] = score;
+  ids[p] = id;
+}
+
+// Phase 1: the running top-k of queries [q0, q0 + nq) of KV head h over memory rows [m0, m1),
+// written to cand_vals/cand_ids at (query, split) slots of k entries.
+template <MemElemType T>
+void score_and_select(const MemoryAttentionArgs& a, int64_t h, int64_t q0, int64_t nq, int64_t m0, int64_t m1,
+                      int64_t split, int64_t num_splits, float* cand_vals, int32_t* cand_ids) {
+  const int64_t d_len = a.head_dim, k = a.topk;
+  const int64_t nq_pad = (nq + 3) / 4 * 4;
+  std::vector<float> qbuf(static_cast<size_t>(nq_pad * d_len), 0.0f);  // zero rows pad the tile
+  std::memcpy(qbuf.data(), a.query + (h * a.queries_per_head + q0) * d_len, sizeof(float) * nq * d_len);
+  std::vector<float> kt(static_cast<size_t>(d_len * kKeyBlock), 0.0f);  // (head_dim, kKeyBlock)
+  std::vector<float> scores(static_cast<size_t>(nq_pad * kKeyBlock));
+  std::vector<float> top_vals(static_cast<size_t>(nq * k), kNegInf);
+  std::vector<int32_t> top_ids(static_cast<size_t>(nq * k), -1);
+
+  std::vector<float> rowbuf(static_cast<size_t>(d_len));
+  // Decode (at most 4 queries per KV head): dot products straight on the key rows. More queries:
+  // transpose each key block once and score it with the 4x16 register tile, reused by all queries.
+  const bool row_path = nq <= 4;
+  for (int64_t mb = m0; mb < m1; mb += kKeyBlock) {
+    const int64_t nb = std::min(kKeyBlock, m1 - mb);
+    if (row_path) {
+      for (int64_t j = 0; j < nb; ++j) {
+        const auto* row = row_ptr<T>(a.keys_normed, h, mb + j);
+        const float* kr;
+        if constexpr (T == MemElemType::f32) {
+          kr = row;
+        } else {
+          for (int64_t d = 0; d < d_len; ++d) rowbuf[d] = Elem<T>::to_f32(row[d]);
+          kr = rowbuf.data();
+        }
+        switch (nq) {
+          case 1:
+            score_rows<1>(qbuf.data(), d_len, kr, &scores[j], kKeyBlock);
+            break;
+          case 2:
+            score_rows<2>(qbuf.data(), d_len, kr, &scores[j], kKeyBlock);
+            break;
+          case 3:
+            score_rows<3>(qbuf.data(), d_len, kr, &scores[j], kKeyBlock);
+            break;
+          default:
+            score_rows<4>(qbuf.data(), d_len, kr, &scores[j], kKeyBlock);
+        }
+      }
+    } else {
+      for (int64_t j = 0; j < nb; ++j) {
+        const auto* row = row_ptr<T>(a.keys_normed, h, mb + j);
+        for (int64_t d = 0; d < d_len; ++d) kt[d * kKeyBlock + j] = Elem<T>::to_f32(row[d]);
+      }
+      if (nb < kKeyBlock) {  // last partial block: stale columns must not leak into the scores
+        for (int64_t d = 0; d < d_len; ++d) std::fill_n(&kt[d * kKeyBlock + nb], kKeyBlock - nb, 0.0f);
+      }
+      for (int64_t i0 = 0; i0 < nq_pad; i0 += 4) {
+        for (int64_t j0 = 0; j0 < kKeyBlock; j0 += 16) {
+          score_4x16(&qbuf[i0 * d_len], d_len, &kt[j0], &scores[i0 * kKeyBlock + j0]);
+        }
+      }
+    }
+    for (int64_t i = 0; i < nq; ++i) {
+      float* vals = &top_vals[i * k];
+      int32_t* ids = &top_ids[i * k];
+      const float* s = &scores[i * kKeyBlock];
+      float worst = vals[k - 1];
+      for (int64_t j = 0; j < nb; ++j) {
+        if (s[j] > worst) {  // false for NaN: a NaN key is never selected
+          topk_insert(vals, ids, k, s[j], static_cast<int32_t>(mb + j));
+          worst = vals[k - 1];
+        }
+      }
+    }
+  }
+  for (int64_t i = 0; i < nq; ++i) {
+    const int64_t slot = ((h * a.queries_per_head + q0 + i) * num_splits + split) * k;
+    std::memcpy(cand_vals + slot, &top_vals[i * k], sizeof(float) * k);
+    std::memcpy(cand_ids + slot, &top_ids[i * k], sizeof(int32_t) * k);
+  }
+}
+
+// Phase 2 for one query: merge the splits' candidates, drop those under the threshold, and
+// attend over the selected raw keys and values.
+template <MemElemType T>
+void attend_one(const MemoryAttentionArgs& a, int64_t h, int64_t qi, int64_t num_splits, const float* cand_vals,
+                const int32_t* cand_ids, float* vals, int32_t* ids, float* logits, float* acc) {
+  const int64_t d_len = a.head_dim, k = a.topk;
+  const int64_t row = h * a.queries_per_head + qi;
+  std::fill_n(vals, k, kNegInf);
+  std::fill_n(ids, k, -1);
+  for (int64_t c = 0; c < num_splits * k; ++c) {
+    const float v = cand_vals[row * num_splits * k + c];
+    const int32_t id = cand_ids[row * num_splits * k + c];
+    if (id >= 0 && v > vals[k - 1]) topk_insert(vals, ids, k, v, id);
+  }
+  const float* q = a.query + row * d_len;
+  float min_score = kNegInf;
+  if (a.use_threshold) {
+    double qq = 0.0;
+    for (int64_t d = 0; d < d_len; ++d) qq += static_cast<double>(q[d]) * q[d];
+    min_score = a.similarity_threshold * static_cast<float>(std::sqrt(qq));
+  }
+  float max_logit = kNegInf;
+  for (int64_t r = 0; r < k; ++r) {
+    if (ids[r] < 0 || vals[r] < min_score) {
+      ids[r] = -1;
+      logits[r] = kNegInf;
+      continue;
+    }
+    const auto* krow = row_ptr<T>(a.keys, h, ids[r]);
+    float dot = 0.0f;
+    for (int64_t d = 0; d < d_len; ++d) dot += q[d] * Elem<T>::to_f32(krow[d]);
+    logits[r] = dot * a.scale;
+    max_logit = std::max(max_logit, logits[r]);
+  }
+  float* out = a.out + row * d_len;
+  int64_t* out_ids = a.indices + row * k;
+  for (int64_t r = 0; r < k; ++r) out_ids[r] = ids[r];
+  if (max_logit == kNegInf) {  // nothing attended: zero output, empty log-sum-exp
+    std::fill_n(out, d_len, 0.0f);
+    a.lse[row] = kNegInf;
+    return;
+  }
+  std::fill_n(acc, d_len, 0.0f);
+  float sum = 0.0f;
+  for (int64_t r = 0; r < k; ++r) {
+    if (ids[r] < 0) continue;
+    const float p = std::exp(logits[r] - max_logit);
+    sum += p;
+    const auto* vrow = row_ptr<T>(a.values, h, ids[r]);
+    for (int64_t d = 0; d < d_len; ++d) acc[d] += p * Elem<T>::to_f32(vrow[d]);
+  }
+  const float inv = 1.0f / sum;
+  for (int64_t d = 0; d < d_len; ++d) out[d] = acc[d] * inv;
+  a.lse[row] = max_logit + std::log(sum);
+}
+
+template <MemElemType T>
+void forward_typed(const MemoryAttentionArgs& a) {
+  const int64_t nq_head = a.queries_per_head, k = a.topk;
+  const int64_t tile = std::min(kQueryTile, nq_head);
+  const int64_t num_tiles = (nq_head + tile - 1) / tile;
+  const int64_t base_tasks = a.num_kv_heads * num_tiles;
+  // Decode has few queries per head: split the memory so every thread streams a share of it.
+  const int64_t want = 2 * static_cast<int64_t>(num_threads());
+  int64_t num_splits = 1;
+  if (base_tasks < want) {
+    num_splits = std::min((want + base_tasks - 1) / base_tasks, std::max<int64_t>(1, a.mem_len / kMinSplitKeys));
+  }
+  const int64_t num_rows = a.num_kv_heads * nq_head;
+  std::vector<float> cand_vals(static_cast<size_t>(num_rows * num_splits * k));
+  std::vector<int32_t> cand_ids(static_cast<size_t>(num_rows * num_splits * k));
+
+  parallel_for(base_tasks * num_splits, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t split = t % num_splits, ht = t / num_splits;
+      const int64_t h = ht / num_tiles, q0 = (ht % num_tiles) * tile;
+      const int64_t nq = std::min(tile, nq_head - q0);
+      const int64_t m0 = a.mem_len * split / num_splits, m1 = a.mem_len * (split + 1) / num_splits;
+      score_and_select<T>(a, h, q0, nq, m0, m1, split, num_splits, cand_vals.data(), cand_ids.data());
+    }
+  });
+  parallel_for(num_rows, 64, [&](int64_t begin, int64_t end) {
+    std::vector<float> vals(static_cast<size_t>(k)), logits(static_cast<size_t>(k)), acc(static_cast<size_t>(a.head_dim));
+    std::vector<int32_t> ids(static_cast<size_t>(k));
+    for (int64_t r = begin; r < end; ++r) {
+      attend_one<T>(a, r / nq_head, r % nq_head, num_splits, cand_vals.data(), cand_ids.data(), vals.data(), ids.data(),
+                    logits.data(), acc.data());
+    }
+  });
+}
+
+void check(bool ok, const std::string& what) {
+  if (!ok) throw InvalidInput("memory_attention: " + what);
+}
+
+}  // namespace
+
+void memory_attention_forward(const MemoryAttentionArgs& a) {
+  check(a.query && a.out && a.lse && a.indices, "null query or output pointer");
+  check(a.num_kv_heads >= 1 && a.queries_per_head >= 1 && a.head_dim >= 1,
+        "num_kv_heads, queries_per_head and head_dim must be >= 1");
+  check(a.mem_len >= 1 && a.mem_len <= std::numeric_limits<int32_t>::max(),
+        "mem_len must be in [1, 2^31 - 1], got " + std::to_string(a.mem_len));
+  check(a.topk >= 1 && a.topk <= a.mem_len,
+        "topk must be in [1, mem_len=" + std::to_string(a.mem_len) + "], got " + std::to_string(a.topk));
+  for (const MemoryTensor* t : {&a.keys_normed, &a.keys, &a.values}) {
+    check(t->data != nullptr, "null memory tensor");
+    check(t->stride_row >= a.head_dim && t->stride_head >= 0, "memory rows must not overlap");
+  }
+  switch (a.dtype) {
+    case MemElemType::f32:
+      return forward_typed<MemElemType::f32>(a);
+    case MemElemType::f16:
+      return forward_typed<MemElemType::f16>(a);
+    case MemElemType::bf16:
+      return forward_typed<MemElemType::bf16>(a);
+  }
+  throw InvalidInput("memory_attention: unknown memory dtype code " + std::to_string(static_cast<int>(a.dtype)));
+}
+
+}  // namespace kcore

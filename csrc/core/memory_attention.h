@@ -1,0 +1,45 @@
+// Top-k memory attention on CPU (Extended Mind Transformers, arXiv 2406.02332): for every query
+// vector, the top-k memory keys by q . k_normed, then softmax((q . k) * scale) over those k keys
+// weights their values. Scores are computed block by block and folded into a running top-k per
+// query; they are never stored for the whole memory.
+#pragma once
+#include <cstdint>
+
+namespace kcore {
+
+enum class MemElemType : int { f32 = 0, f16 = 1, bf16 = 2 };
+
+// One layer's memory, laid out (num_kv_heads, mem_len, head_dim) with the last dim contiguous.
+struct MemoryTensor {
+  const void* data = nullptr;
+  int64_t stride_head = 0;  // elements
+  int64_t stride_row = 0;   // elements
+};
+
+struct MemoryAttentionArgs {
+  // (num_kv_heads, queries_per_head, head_dim) contiguous float32: every query vector that maps
+  // onto each KV head (batch x grouped query heads x query tokens, flattened).
+  const float* query = nullptr;
+  int64_t num_kv_heads = 0;
+  int64_t queries_per_head = 0;
+  int64_t head_dim = 0;
+  int64_t mem_len = 0;
+  MemElemType dtype = MemElemType::f32;  // of the three memory tensors
+  MemoryTensor keys_normed;              // used for the ranking
+  MemoryTensor keys;                     // used for the logits
+  MemoryTensor values;
+  int64_t topk = 0;  // 1 <= topk <= mem_len
+  float scale = 1.0f;
+  bool use_threshold = false;
+  float similarity_threshold = 0.0f;  // cosine; selected keys below it are dropped
+  // Outputs, contiguous: out (num_kv_heads, queries_per_head, head_dim) float32,
+  // lse (num_kv_heads, queries_per_head) float32, indices (num_kv_heads, queries_per_head, topk).
+  float* out = nullptr;
+  float* lse = nullptr;
+  int64_t* indices = nullptr;
+};
+
+// Throws kcore::InvalidInput on inconsistent sizes. Multithreaded with parallel_for.
+void memory_attention_forward(const MemoryAttentionArgs& args);
+
+}  // namespace kcore

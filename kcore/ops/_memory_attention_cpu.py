@@ -1,0 +1,46 @@
+"""``cpu`` backend of :func:`kcore.ops.memory_attention`: the C++ kernel of
+csrc/core/memory_attention.cpp (blocked scoring, running top-k, attention over the k)."""
+
+from __future__ import annotations
+
+import torch
+
+from kcore._native import native
+
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
+    # The kernel reads (head, row) strides but needs each row's head_dim contiguous.
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def memory_attention_cpu(query, mem_keys, mem_values, mem_keys_normed, topk, scale, similarity_threshold):
+    """Arguments already checked by :func:`kcore.ops.memory_attention` (CPU tensors, mem_len >= 1)."""
+    b, hq, lq, d = query.shape
+    hkv, m, _ = mem_keys.shape
+    g = hq // hkv
+    k_eff = min(topk, m)
+    nq = b * g * lq
+    # (num_kv_heads, batch * group * q_len, head_dim): the queries of each KV head side by side.
+    q = query.float().reshape(b, hkv, g, lq, d).permute(1, 0, 2, 3, 4).reshape(hkv, nq, d).contiguous()
+    keys = _rows_contiguous(mem_keys)
+    values = _rows_contiguous(mem_values)
+    keys_normed = _rows_contiguous(mem_keys_normed.to(mem_keys.dtype))
+    out = torch.empty((hkv, nq, d), dtype=torch.float32)
+    lse = torch.empty((hkv, nq), dtype=torch.float32)
+    idx = torch.empty((hkv, nq, k_eff), dtype=torch.int64)
+    native().memory_attention_forward(
+        q.data_ptr(), hkv, nq, d, m, _DTYPE_CODES[mem_keys.dtype],
+        keys_normed.data_ptr(), keys_normed.stride(0), keys_normed.stride(1),
+        keys.data_ptr(), keys.stride(0), keys.stride(1),
+        values.data_ptr(), values.stride(0), values.stride(1),
+        k_eff, scale, None if similarity_threshold is None else float(similarity_threshold),
+        out.data_ptr(), lse.data_ptr(), idx.data_ptr(),
+    )
+
+    def back(t):  # (num_kv_heads, batch * group * q_len, ...) -> (batch, num_q_heads, q_len, ...)
+        t = t.reshape(hkv, b, g, lq, *t.shape[2:]).permute(1, 0, 2, 3, *range(4, t.dim() + 2))
+        return t.reshape(b, hq, lq, *t.shape[4:])
+
+    return back(out).to(query.dtype).contiguous(), back(lse).contiguous(), back(idx).contiguous()
