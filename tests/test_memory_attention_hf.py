@@ -121,6 +121,7 @@ def test_hooked_forward_equals_reference_concatenated_softmax(model, tok, bank, 
     with torch.no_grad(), enable_memory_attention(model, bank, topk=topk, layers=layers) as handle:
         got = model(**inputs).logits
         cites = handle.citations(top=3)
+        cites_no_sink = handle.citations(top=3, skip_leading=1)
     valid = inputs["attention_mask"].bool()
     torch.testing.assert_close(got[valid], want[valid], atol=1e-4, rtol=1e-4)
     # The memory actually changes the output (else this test could not fail).
@@ -136,6 +137,12 @@ def test_hooked_forward_equals_reference_concatenated_softmax(model, tok, bank, 
         torch.testing.assert_close(torch.tensor([c.weight for c in step], dtype=torch.float64), top.values, atol=1e-5, rtol=1e-4)
         for c in step:
             assert c.text == bank.documents[c.document][c.start : c.end] == bank.text(c.index)
+        # Leaving out each document's first token (the memory's attention sinks).
+        starts = [0, len(DOCS[0].split())]
+        probs = mean_probs[row].clone()
+        probs[starts] = 0
+        (step,) = cites_no_sink[row]
+        assert [c.index for c in step] == probs.topk(3).indices.tolist()
 
 
 def test_left_padded_batch_equals_single_rows(model, tok, bank):

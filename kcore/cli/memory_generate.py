@@ -72,7 +72,7 @@ def run(args) -> int:
         inputs = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.no_grad(), enable_memory_attention(model, bank, topk=args.topk, layers=layers) as handle:
         out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
-        cites = handle.citations(top=max(1, args.citations), context_tokens=3)
+        cites = handle.citations(top=max(1, args.citations), context_tokens=3, skip_leading=1)
     new = out[0, inputs["input_ids"].shape[1]:].tolist()
     print(tok.decode(new, skip_special_tokens=True))
     if args.citations > 0 and cites:

@@ -81,7 +81,7 @@ class MemoryAttentionHandle:
 
     # -------------------------------------------------------------- public
 
-    def citations(self, *, top: int = 3, context_tokens: int = 0) -> List[List[List[Citation]]]:
+    def citations(self, *, top: int = 3, context_tokens: int = 0, skip_leading: int = 0) -> List[List[List[Citation]]]:
         """Per batch row, per forward step (one per generated token in ``generate()``), the
         ``top`` most attended memory tokens, most attended first, mapped to their documents.
 
@@ -92,12 +92,17 @@ class MemoryAttentionHandle:
             top: memory tokens per step, ``>= 1``.
             context_tokens: widen each cited span by this many memory tokens on each side
                 (within the same document) for readability.
+            skip_leading: leave out the first tokens of each document. A document's first token
+                has no left context and acts as an attention sink (Xiao et al. 2023,
+                StreamingLLM): it draws attention whatever the query, so it cites nothing.
 
         Returns:
             ``citations[row][step]``: a list of :class:`Citation`; empty if the bank is empty.
         """
-        if top < 1 or context_tokens < 0:
-            raise InvalidInputError(f"top must be >= 1 and context_tokens >= 0, got {top} and {context_tokens}")
+        if top < 1 or context_tokens < 0 or skip_leading < 0:
+            raise InvalidInputError(
+                f"top must be >= 1, context_tokens and skip_leading >= 0, got {top}, {context_tokens}, {skip_leading}"
+            )
         if not self._steps:
             return []
         bank = self.bank
@@ -105,7 +110,7 @@ class MemoryAttentionHandle:
         result: List[List[List[Citation]]] = [[] for _ in range(batch)]
         for step in self._steps:
             for row in range(batch):
-                result[row].append(self._step_citations(step, row, top, context_tokens) if bank.mem_len else [])
+                result[row].append(self._step_citations(step, row, top, context_tokens, skip_leading) if bank.mem_len else [])
         return result
 
     def reset(self) -> None:
@@ -143,7 +148,15 @@ class MemoryAttentionHandle:
             self._cache[key] = tuple(t.to(device) for t in (b.keys(layer), b.values(layer), b.keys_normed(layer)))
         return self._cache[key]
 
-    def _step_citations(self, step, row, top, context_tokens) -> List[Citation]:
+    def _leading_mask(self, skip_leading: int) -> torch.Tensor:
+        """(mem_len,) bool: True for the first ``skip_leading`` tokens of each document."""
+        doc = self.bank.token_map[:, 0]
+        starts = torch.ones_like(doc, dtype=torch.bool)
+        starts[1:] = doc[1:] != doc[:-1]
+        start_pos = torch.cummax(torch.where(starts, torch.arange(len(doc)), torch.zeros_like(doc)), dim=0).values
+        return (torch.arange(len(doc)) - start_pos) < skip_leading
+
+    def _step_citations(self, step, row, top, context_tokens, skip_leading) -> List[Citation]:
         bank = self.bank
         idx = torch.cat([step[l][0][row].reshape(-1) for l in step]).cpu()
         w = torch.cat([step[l][1][row].reshape(-1) for l in step]).float().cpu()
@@ -153,6 +166,8 @@ class MemoryAttentionHandle:
             return []
         num_heads = step[next(iter(step))][0].shape[1]
         score = torch.zeros(bank.mem_len, dtype=torch.float32).index_add_(0, idx, w) / (len(step) * num_heads)
+        if skip_leading:
+            score.masked_fill_(self._leading_mask(skip_leading), 0.0)
         n = min(top, int((score > 0).sum()))
         vals, order = score.topk(n)
         out = []
