@@ -92,6 +92,24 @@ def with_memory(model, tok, bank, facts, topk):
         return accuracy(model, tok, facts)
 
 
+def int8_logit_drift(model, tok, bank, bank8, facts, topk):
+    """Next-token logits after each question with the float bank vs the int8 bank: max and mean
+    absolute difference, and how often the top-1 token agrees."""
+    diffs, agree = [], 0
+    for country, _ in facts:
+        msgs = [{"role": "user", "content": f"What is the capital of {country}?"}]
+        prompt = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) + f"The capital of {country} is"
+        ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
+        logits = []
+        for b in (bank, bank8):
+            with torch.no_grad(), enable_memory_attention(model, b, topk=topk, record_citations=False):
+                logits.append(model(**ids).logits[0, -1])
+        diffs.append((logits[0] - logits[1]).abs())
+        agree += int(logits[0].argmax() == logits[1].argmax())
+    d = torch.stack(diffs)
+    return {"max_abs": d.max().item(), "mean_abs": d.mean().item(), "top1_agree": agree / len(facts)}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--facts", type=int, default=40, help="invented facts (half dev, half test)")
@@ -138,6 +156,7 @@ def main() -> int:
         results["short_memory"] = with_memory(model, tok, bank, test, best)
         bank8, _ = build([doc], "facts_int8", quantization="int8")
         results["short_memory_int8"] = with_memory(model, tok, bank8, test, best)
+        results["int8_logit_drift"] = int8_logit_drift(model, tok, bank, bank8, test, best)
     results["topk"] = best
     results["short_seconds"] = time.perf_counter() - t0
     print(json.dumps(results), file=sys.stderr)
@@ -178,6 +197,7 @@ def main() -> int:
         print(f"| facts only ({results['short_mem_tokens']} tokens) | no memory | {results['no_memory']:.2f} |")
         print(f"| | kcore memory attention, topk={best} (dev: {results['short_dev']}) | {results['short_memory']:.2f} |")
         print(f"| | same, int8 bank | {results['short_memory_int8']:.2f} |")
+        print(f"| | (int8 vs float16 bank, next-token logits: {results['int8_logit_drift']}) | |")
         print(f"| | document in the prompt | {results['in_prompt']:.2f} |")
     if args.distractor_tokens > 0:
         print(f"| facts in {results['buried_mem_tokens']} tokens of news | no memory | {results['buried_no_memory']:.2f} |")
