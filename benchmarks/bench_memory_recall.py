@@ -1,6 +1,8 @@
 """Counterfactual recall with kcore memory attention on SmolLM2-135M-Instruct.
 
-A memory document states invented facts (real countries with invented capitals); the model is then
+A memory document states invented facts (invented countries with invented capitals: the model has
+no prior about them, and SmolLM2-135M does not override a real country's known capital even with
+the document in its prompt); the model is then
 asked for each capital (chat template, answer prefilled with "The capital of X is") and an answer
 counts when the invented capital appears in the first generated tokens. Conditions:
 
@@ -35,16 +37,20 @@ from kcore.attention import MemoryBank  # noqa: E402
 from kcore.hf import enable_memory_attention  # noqa: E402
 from kcore.models import load_model_and_tokenizer  # noqa: E402
 
-COUNTRIES = [
-    "France", "Germany", "Japan", "Brazil", "Canada", "Egypt", "Italy", "Spain", "Kenya", "India",
-    "Mexico", "Norway", "Peru", "Chile", "Greece", "Turkey", "Poland", "Sweden", "Vietnam", "Argentina",
-    "Australia", "China", "Russia", "Portugal", "Ireland", "Nigeria", "Morocco", "Thailand", "Cuba", "Iran",
-    "Austria", "Belgium", "Denmark", "Finland", "Hungary", "Colombia", "Pakistan", "Indonesia", "Ghana", "Nepal",
-]
 ONSETS = ["Br", "Qu", "V", "Z", "Th", "K", "Dr", "M", "L", "S", "Gr", "P", "T", "N", "F", "H"]
 VOWELS = ["a", "e", "i", "o", "u", "ae", "ei", "ou"]
 CODAS = ["nd", "rth", "lm", "x", "ss", "rn", "v", "nt", "sk", "ll"]
 ENDINGS = ["holm", "ora", "ville", "grad", "ium", "ton", "mere", "dor", "is", "ant"]
+
+
+def invented_countries(n: int, seed: int = 1):
+    rng = random.Random(seed)
+    names = []
+    while len(names) < n:
+        name = rng.choice(ONSETS) + rng.choice(VOWELS) + rng.choice(CODAS) + rng.choice(["ia", "land", "istan", "ovia", "ar"])
+        if name not in names:
+            names.append(name)
+    return names
 
 
 def invented_capitals(n: int, seed: int = 7):
@@ -112,8 +118,8 @@ def int8_logit_drift(model, tok, bank, bank8, facts, topk):
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--facts", type=int, default=40, help="invented facts (half dev, half test)")
-    p.add_argument("--topks", default="2,4,8,12,16")
+    p.add_argument("--facts", type=int, default=20, help="invented facts (half dev, half test)")
+    p.add_argument("--topks", default="2,4,8,16")
     p.add_argument("--distractor-tokens", type=int, default=50000, help="0 to skip the buried part")
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--stride", type=int, default=256)
@@ -126,7 +132,7 @@ def main() -> int:
     torch.manual_seed(0)
     model, tok = load_model_and_tokenizer()
     capitals = invented_capitals(args.facts)
-    facts = list(zip(COUNTRIES[: args.facts], capitals))
+    facts = list(zip(invented_countries(args.facts), capitals))
     dev, test = facts[0::2], facts[1::2]
     doc = " ".join(fact_sentence(c, k) for c, k in facts)
     topks = [int(x) for x in args.topks.split(",")]
