@@ -13,6 +13,7 @@ per call divided by the time.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -53,13 +54,15 @@ def main() -> None:
     ap.add_argument("--mem-lens", type=int, nargs="+", default=[10_000, 100_000])
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", "float16"])
     ap.add_argument("--topk", type=int, default=10)
+    ap.add_argument("--q-len", type=int, default=1, help="query tokens per call (1 = decode; more = prefill)")
     ap.add_argument("--min-time", type=float, default=1.0, help="seconds of timing per case")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (the kernel uses KCORE_NUM_THREADS)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"# machine: {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}, "
-          f"torch {torch.__version__}")
+          f"KCORE_NUM_THREADS={os.environ.get('KCORE_NUM_THREADS', 'all')}, torch {torch.__version__}, "
+          f"q_len {args.q_len}, topk {args.topk}")
     print("| model shape | mem tokens | dtype | torch ms | kcore cpu ms | speed-up | kcore GB/s | torch GB/s |")
     print("|---|---|---|---|---|---|---|---|")
     gen = torch.Generator().manual_seed(0)
@@ -67,7 +70,7 @@ def main() -> None:
         for m in args.mem_lens:
             for dt_name in args.dtypes:
                 dtype = getattr(torch, dt_name)
-                q = torch.randn(1, hq, 1, d, generator=gen)
+                q = torch.randn(1, hq, args.q_len, d, generator=gen)
                 keys = torch.randn(hkv, m, d, generator=gen).to(dtype)
                 values = torch.randn(hkv, m, d, generator=gen).to(dtype)
                 normed = normalize_keys(keys)

@@ -24,13 +24,17 @@ T* as_ptr(uintptr_t p, const char* name) {
 }
 
 void forward(uintptr_t query, int64_t num_kv_heads, int64_t queries_per_head, int64_t head_dim, int64_t mem_len,
-             int dtype, uintptr_t keys_normed, int64_t kn_stride_head, int64_t kn_stride_row, uintptr_t keys,
+             int normed_dtype, int kv_dtype, uintptr_t keys_normed, int64_t kn_stride_head, int64_t kn_stride_row, uintptr_t keys,
              int64_t k_stride_head, int64_t k_stride_row, uintptr_t values, int64_t v_stride_head,
-             int64_t v_stride_row, int64_t topk, double scale, std::optional<double> similarity_threshold,
-             uintptr_t out, uintptr_t lse, uintptr_t indices) {
-  if (dtype < 0 || dtype > 2) {
-    throw kcore::InvalidInput("memory_attention: dtype code must be 0 (f32), 1 (f16) or 2 (bf16), got " +
-                              std::to_string(dtype));
+             int64_t v_stride_row, uintptr_t key_scales, uintptr_t value_scales, int64_t topk, double scale,
+             std::optional<double> similarity_threshold, uintptr_t out, uintptr_t lse, uintptr_t indices) {
+  if (normed_dtype < 0 || normed_dtype > 2) {
+    throw kcore::InvalidInput("memory_attention: mem_keys_normed dtype code must be 0 (f32), 1 (f16) or 2 (bf16), got " +
+                              std::to_string(normed_dtype));
+  }
+  if (kv_dtype < 0 || kv_dtype > 3) {
+    throw kcore::InvalidInput("memory_attention: mem_keys dtype code must be 0 (f32), 1 (f16), 2 (bf16) or 3 (int8), got " +
+                              std::to_string(kv_dtype));
   }
   kcore::MemoryAttentionArgs a;
   a.query = as_ptr<const float>(query, "query");
@@ -38,7 +42,12 @@ void forward(uintptr_t query, int64_t num_kv_heads, int64_t queries_per_head, in
   a.queries_per_head = queries_per_head;
   a.head_dim = head_dim;
   a.mem_len = mem_len;
-  a.dtype = static_cast<kcore::MemElemType>(dtype);
+  a.normed_dtype = static_cast<kcore::MemElemType>(normed_dtype);
+  a.kv_dtype = static_cast<kcore::MemElemType>(kv_dtype);
+  if (a.kv_dtype == kcore::MemElemType::i8) {
+    a.key_scales = as_ptr<const float>(key_scales, "mem_key_scales");
+    a.value_scales = as_ptr<const float>(value_scales, "mem_value_scales");
+  }
   a.keys_normed = {as_ptr<const void>(keys_normed, "mem_keys_normed"), kn_stride_head, kn_stride_row};
   a.keys = {as_ptr<const void>(keys, "mem_keys"), k_stride_head, k_stride_row};
   a.values = {as_ptr<const void>(values, "mem_values"), v_stride_head, v_stride_row};
@@ -57,12 +66,14 @@ void forward(uintptr_t query, int64_t num_kv_heads, int64_t queries_per_head, in
 
 void register_memory_attention(py::module_& m) {
   m.def("memory_attention_forward", &forward, py::arg("query"), py::arg("num_kv_heads"), py::arg("queries_per_head"),
-        py::arg("head_dim"), py::arg("mem_len"), py::arg("dtype"), py::arg("keys_normed"), py::arg("kn_stride_head"),
+        py::arg("head_dim"), py::arg("mem_len"), py::arg("normed_dtype"), py::arg("kv_dtype"), py::arg("keys_normed"), py::arg("kn_stride_head"),
         py::arg("kn_stride_row"), py::arg("keys"), py::arg("k_stride_head"), py::arg("k_stride_row"),
-        py::arg("values"), py::arg("v_stride_head"), py::arg("v_stride_row"), py::arg("topk"), py::arg("scale"),
+        py::arg("values"), py::arg("v_stride_head"), py::arg("v_stride_row"), py::arg("key_scales"),
+        py::arg("value_scales"), py::arg("topk"), py::arg("scale"),
         py::arg("similarity_threshold"), py::arg("out"), py::arg("lse"), py::arg("indices"),
         "Top-k memory attention on CPU over raw pointers: query (num_kv_heads, queries_per_head, head_dim) "
-        "float32 contiguous; memory tensors (num_kv_heads, mem_len, head_dim), last dim contiguous; writes out "
+        "float32 contiguous; memory tensors (num_kv_heads, mem_len, head_dim), last dim contiguous (keys/values "
+        "may be int8 with (num_kv_heads, mem_len) float32 row scales, else 0 pointers); writes out "
         "(num_kv_heads, queries_per_head, head_dim) f32, lse (num_kv_heads, queries_per_head) f32, indices "
         "(num_kv_heads, queries_per_head, topk) int64. Releases the GIL.");
 }

@@ -10,15 +10,29 @@
 #include "core/errors.h"
 #include "core/parallel.h"
 
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+// The vector helpers below are internal inline functions; the note that passing AVX vectors by
+// value changes the ABI when the build is portable (KCORE_NATIVE=OFF) does not concern them.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
 namespace kcore {
 namespace {
 
 // GCC/Clang vector extension: 8 float lanes (one AVX register; two SSE/NEON registers).
 typedef float v8f __attribute__((vector_size(32)));
+// 16 float lanes: one AVX-512 register, or two AVX ones on machines without AVX-512.
+typedef float v16f __attribute__((vector_size(64)));
 
 constexpr int64_t kKeyBlock = 32;     // keys scored per block (transposed into an L1 tile)
 constexpr int64_t kQueryTile = 32;    // queries sharing one pass over a key range
 constexpr int64_t kMinSplitKeys = 2048;  // fewest keys a thread streams when a range is split
+// Below this many bytes of keys streamed per call, starting threads costs more than it saves.
+constexpr int64_t kMinParallelBytes = int64_t{1} << 20;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 inline v8f load8(const float* p) {
@@ -26,7 +40,7 @@ inline v8f load8(const float* p) {
   std::memcpy(&v, p, sizeof v);
   return v;
 }
-inline void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof v); }
+inline void store8(float* p, const v8f& v) { std::memcpy(p, &v, sizeof v); }
 inline v8f splat8(float x) { return v8f{x, x, x, x, x, x, x, x}; }
 
 inline float bf16_to_f32(uint16_t h) {
@@ -77,6 +91,45 @@ struct Elem<MemElemType::bf16> {
   using type = uint16_t;
   static float to_f32(uint16_t x) { return bf16_to_f32(x); }
 };
+template <>
+struct Elem<MemElemType::i8> {  // times the row's scale, applied by the caller
+  using type = int8_t;
+  static float to_f32(int8_t x) { return static_cast<float>(x); }
+};
+
+// Converts one memory row (head_dim elements) to float32, 16 lanes at a time where the compiler
+// has a vector type for the element (F16C / AVX-512 conversions under -march=native).
+template <MemElemType T>
+inline void row_to_f32(const typename Elem<T>::type* src, int64_t n, float* dst) {
+  int64_t d = 0;
+  if constexpr (T == MemElemType::bf16) {
+    typedef uint16_t v16u16 __attribute__((vector_size(32)));
+    typedef uint32_t v16u32 __attribute__((vector_size(64)));
+    for (; d + 16 <= n; d += 16) {
+      v16u16 h;
+      std::memcpy(&h, src + d, sizeof h);
+      const v16u32 u = __builtin_convertvector(h, v16u32) << 16;
+      std::memcpy(dst + d, &u, sizeof u);
+    }
+  }
+  if constexpr (T == MemElemType::f16) {
+#if defined(__F16C__)
+    for (; d + 8 <= n; d += 8) {  // vcvtph2ps: 8 halves per instruction
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + d));
+      _mm256_storeu_ps(dst + d, _mm256_cvtph_ps(h));
+    }
+#elif defined(__FLT16_MAX__)
+    typedef _Float16 v16h __attribute__((vector_size(32)));
+    for (; d + 16 <= n; d += 16) {
+      v16h h;
+      std::memcpy(&h, src + d, sizeof h);
+      const v16f f = __builtin_convertvector(h, v16f);
+      std::memcpy(dst + d, &f, sizeof f);
+    }
+#endif
+  }
+  for (; d < n; ++d) dst[d] = Elem<T>::to_f32(src[d]);
+}
 
 template <MemElemType T>
 inline const typename Elem<T>::type* row_ptr(const MemoryTensor& t, int64_t head, int64_t row) {
@@ -110,8 +163,6 @@ inline void score_4x16(const float* q, int64_t d_len, const float* kt, float* s)
   store8(s + 3 * kKeyBlock + 8, c31);
 }
 
-// 16 float lanes: one AVX-512 register, or two AVX ones on machines without AVX-512.
-typedef float v16f __attribute__((vector_size(64)));
 typedef float v4f __attribute__((vector_size(16)));
 
 inline v16f load16(const float* p) {
@@ -120,7 +171,7 @@ inline v16f load16(const float* p) {
   return v;
 }
 
-inline float hsum16(v16f v) {
+inline float hsum16(const v16f& v) {
   v8f lo, hi;
   std::memcpy(&lo, &v, sizeof lo);
   std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof lo, sizeof hi);
@@ -189,7 +240,7 @@ void score_and_select(const MemoryAttentionArgs& a, int64_t h, int64_t q0, int64
         if constexpr (T == MemElemType::f32) {
           kr = row;
         } else {
-          for (int64_t d = 0; d < d_len; ++d) rowbuf[d] = Elem<T>::to_f32(row[d]);
+          row_to_f32<T>(row, d_len, rowbuf.data());
           kr = rowbuf.data();
         }
         switch (nq) {
@@ -208,8 +259,8 @@ void score_and_select(const MemoryAttentionArgs& a, int64_t h, int64_t q0, int64
       }
     } else {
       for (int64_t j = 0; j < nb; ++j) {
-        const auto* row = row_ptr<T>(a.keys_normed, h, mb + j);
-        for (int64_t d = 0; d < d_len; ++d) kt[d * kKeyBlock + j] = Elem<T>::to_f32(row[d]);
+        row_to_f32<T>(row_ptr<T>(a.keys_normed, h, mb + j), d_len, rowbuf.data());
+        for (int64_t d = 0; d < d_len; ++d) kt[d * kKeyBlock + j] = rowbuf[d];
       }
       if (nb < kKeyBlock) {  // last partial block: stale columns must not leak into the scores
         for (int64_t d = 0; d < d_len; ++d) std::fill_n(&kt[d * kKeyBlock + nb], kKeyBlock - nb, 0.0f);
@@ -271,6 +322,7 @@ void attend_one(const MemoryAttentionArgs& a, int64_t h, int64_t qi, int64_t num
     const auto* krow = row_ptr<T>(a.keys, h, ids[r]);
     float dot = 0.0f;
     for (int64_t d = 0; d < d_len; ++d) dot += q[d] * Elem<T>::to_f32(krow[d]);
+    if constexpr (T == MemElemType::i8) dot *= a.key_scales[h * a.mem_len + ids[r]];
     logits[r] = dot * a.scale;
     max_logit = std::max(max_logit, logits[r]);
   }
@@ -289,14 +341,16 @@ void attend_one(const MemoryAttentionArgs& a, int64_t h, int64_t qi, int64_t num
     const float p = std::exp(logits[r] - max_logit);
     sum += p;
     const auto* vrow = row_ptr<T>(a.values, h, ids[r]);
-    for (int64_t d = 0; d < d_len; ++d) acc[d] += p * Elem<T>::to_f32(vrow[d]);
+    float w = p;
+    if constexpr (T == MemElemType::i8) w *= a.value_scales[h * a.mem_len + ids[r]];
+    for (int64_t d = 0; d < d_len; ++d) acc[d] += w * Elem<T>::to_f32(vrow[d]);
   }
   const float inv = 1.0f / sum;
   for (int64_t d = 0; d < d_len; ++d) out[d] = acc[d] * inv;
   a.lse[row] = max_logit + std::log(sum);
 }
 
-template <MemElemType T>
+template <MemElemType TN, MemElemType TKV>
 void forward_typed(const MemoryAttentionArgs& a) {
   const int64_t nq_head = a.queries_per_head, k = a.topk;
   const int64_t tile = std::min(kQueryTile, nq_head);
@@ -305,27 +359,30 @@ void forward_typed(const MemoryAttentionArgs& a) {
   // Decode has few queries per head: split the memory so every thread streams a share of it.
   const int64_t want = 2 * static_cast<int64_t>(num_threads());
   int64_t num_splits = 1;
-  if (base_tasks < want) {
+  if (base_tasks < want && a.mem_len * a.head_dim * a.num_kv_heads * 4 >= kMinParallelBytes) {
     num_splits = std::min((want + base_tasks - 1) / base_tasks, std::max<int64_t>(1, a.mem_len / kMinSplitKeys));
   }
   const int64_t num_rows = a.num_kv_heads * nq_head;
   std::vector<float> cand_vals(static_cast<size_t>(num_rows * num_splits * k));
   std::vector<int32_t> cand_ids(static_cast<size_t>(num_rows * num_splits * k));
 
-  parallel_for(base_tasks * num_splits, 1, [&](int64_t begin, int64_t end) {
+  const int64_t streamed_bytes =
+      num_tiles * a.num_kv_heads * a.mem_len * a.head_dim * static_cast<int64_t>(sizeof(typename Elem<TN>::type));
+  const int64_t grain = streamed_bytes < kMinParallelBytes ? base_tasks * num_splits : 1;
+  parallel_for(base_tasks * num_splits, grain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t split = t % num_splits, ht = t / num_splits;
       const int64_t h = ht / num_tiles, q0 = (ht % num_tiles) * tile;
       const int64_t nq = std::min(tile, nq_head - q0);
       const int64_t m0 = a.mem_len * split / num_splits, m1 = a.mem_len * (split + 1) / num_splits;
-      score_and_select<T>(a, h, q0, nq, m0, m1, split, num_splits, cand_vals.data(), cand_ids.data());
+      score_and_select<TN>(a, h, q0, nq, m0, m1, split, num_splits, cand_vals.data(), cand_ids.data());
     }
   });
   parallel_for(num_rows, 64, [&](int64_t begin, int64_t end) {
     std::vector<float> vals(static_cast<size_t>(k)), logits(static_cast<size_t>(k)), acc(static_cast<size_t>(a.head_dim));
     std::vector<int32_t> ids(static_cast<size_t>(k));
     for (int64_t r = begin; r < end; ++r) {
-      attend_one<T>(a, r / nq_head, r % nq_head, num_splits, cand_vals.data(), cand_ids.data(), vals.data(), ids.data(),
+      attend_one<TKV>(a, r / nq_head, r % nq_head, num_splits, cand_vals.data(), cand_ids.data(), vals.data(), ids.data(),
                     logits.data(), acc.data());
     }
   });
@@ -333,6 +390,21 @@ void forward_typed(const MemoryAttentionArgs& a) {
 
 void check(bool ok, const std::string& what) {
   if (!ok) throw InvalidInput("memory_attention: " + what);
+}
+
+template <MemElemType TN>
+void dispatch_kv(const MemoryAttentionArgs& a) {
+  switch (a.kv_dtype) {
+    case MemElemType::f32:
+      return forward_typed<TN, MemElemType::f32>(a);
+    case MemElemType::f16:
+      return forward_typed<TN, MemElemType::f16>(a);
+    case MemElemType::bf16:
+      return forward_typed<TN, MemElemType::bf16>(a);
+    case MemElemType::i8:
+      return forward_typed<TN, MemElemType::i8>(a);
+  }
+  throw InvalidInput("memory_attention: unknown dtype code " + std::to_string(static_cast<int>(a.kv_dtype)));
 }
 
 }  // namespace
@@ -349,15 +421,19 @@ void memory_attention_forward(const MemoryAttentionArgs& a) {
     check(t->data != nullptr, "null memory tensor");
     check(t->stride_row >= a.head_dim && t->stride_head >= 0, "memory rows must not overlap");
   }
-  switch (a.dtype) {
+  check(a.normed_dtype != MemElemType::i8, "mem_keys_normed must be a float tensor");
+  if (a.kv_dtype == MemElemType::i8) check(a.key_scales && a.value_scales, "int8 keys and values need row scales");
+  switch (a.normed_dtype) {
     case MemElemType::f32:
-      return forward_typed<MemElemType::f32>(a);
+      return dispatch_kv<MemElemType::f32>(a);
     case MemElemType::f16:
-      return forward_typed<MemElemType::f16>(a);
+      return dispatch_kv<MemElemType::f16>(a);
     case MemElemType::bf16:
-      return forward_typed<MemElemType::bf16>(a);
+      return dispatch_kv<MemElemType::bf16>(a);
+    default:
+      break;
   }
-  throw InvalidInput("memory_attention: unknown memory dtype code " + std::to_string(static_cast<int>(a.dtype)));
+  throw InvalidInput("memory_attention: unknown dtype code " + std::to_string(static_cast<int>(a.normed_dtype)));
 }
 
 }  // namespace kcore

@@ -7,7 +7,7 @@
 
 namespace kcore {
 
-enum class MemElemType : int { f32 = 0, f16 = 1, bf16 = 2 };
+enum class MemElemType : int { f32 = 0, f16 = 1, bf16 = 2, i8 = 3 };
 
 // One layer's memory, laid out (num_kv_heads, mem_len, head_dim) with the last dim contiguous.
 struct MemoryTensor {
@@ -24,10 +24,14 @@ struct MemoryAttentionArgs {
   int64_t queries_per_head = 0;
   int64_t head_dim = 0;
   int64_t mem_len = 0;
-  MemElemType dtype = MemElemType::f32;  // of the three memory tensors
-  MemoryTensor keys_normed;              // used for the ranking
-  MemoryTensor keys;                     // used for the logits
+  MemElemType normed_dtype = MemElemType::f32;  // f32/f16/bf16
+  MemElemType kv_dtype = MemElemType::f32;      // of keys and values; i8 needs the row scales
+  MemoryTensor keys_normed;                     // used for the ranking
+  MemoryTensor keys;                            // used for the logits
   MemoryTensor values;
+  // int8 keys/values only: (num_kv_heads, mem_len) contiguous float32, row = int8 row * scale.
+  const float* key_scales = nullptr;
+  const float* value_scales = nullptr;
   int64_t topk = 0;  // 1 <= topk <= mem_len
   float scale = 1.0f;
   bool use_threshold = false;

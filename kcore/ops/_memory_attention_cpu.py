@@ -7,7 +7,7 @@ import torch
 
 from kcore._native import native
 
-_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int8: 3}
 
 
 def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -15,7 +15,9 @@ def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def memory_attention_cpu(query, mem_keys, mem_values, mem_keys_normed, topk, scale, similarity_threshold):
+def memory_attention_cpu(
+    query, mem_keys, mem_values, mem_keys_normed, topk, scale, similarity_threshold, key_scales=None, value_scales=None
+):
     """Arguments already checked by :func:`kcore.ops.memory_attention` (CPU tensors, mem_len >= 1)."""
     b, hq, lq, d = query.shape
     hkv, m, _ = mem_keys.shape
@@ -26,15 +28,19 @@ def memory_attention_cpu(query, mem_keys, mem_values, mem_keys_normed, topk, sca
     q = query.float().reshape(b, hkv, g, lq, d).permute(1, 0, 2, 3, 4).reshape(hkv, nq, d).contiguous()
     keys = _rows_contiguous(mem_keys)
     values = _rows_contiguous(mem_values)
-    keys_normed = _rows_contiguous(mem_keys_normed.to(mem_keys.dtype))
+    keys_normed = _rows_contiguous(mem_keys_normed)
+    if key_scales is not None:  # int8 bank: (num_kv_heads, mem_len) float32 row scales
+        key_scales = key_scales.float().contiguous()
+        value_scales = value_scales.float().contiguous()
     out = torch.empty((hkv, nq, d), dtype=torch.float32)
     lse = torch.empty((hkv, nq), dtype=torch.float32)
     idx = torch.empty((hkv, nq, k_eff), dtype=torch.int64)
     native().memory_attention_forward(
-        q.data_ptr(), hkv, nq, d, m, _DTYPE_CODES[mem_keys.dtype],
+        q.data_ptr(), hkv, nq, d, m, _DTYPE_CODES[keys_normed.dtype], _DTYPE_CODES[mem_keys.dtype],
         keys_normed.data_ptr(), keys_normed.stride(0), keys_normed.stride(1),
         keys.data_ptr(), keys.stride(0), keys.stride(1),
         values.data_ptr(), values.stride(0), values.stride(1),
+        0 if key_scales is None else key_scales.data_ptr(), 0 if value_scales is None else value_scales.data_ptr(),
         k_eff, scale, None if similarity_threshold is None else float(similarity_threshold),
         out.data_ptr(), lse.data_ptr(), idx.data_ptr(),
     )

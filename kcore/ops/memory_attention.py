@@ -41,6 +41,8 @@ def memory_attention(
     scale: Optional[float] = None,
     mem_keys_normed: Optional[torch.Tensor] = None,
     similarity_threshold: Optional[float] = None,
+    mem_key_scales: Optional[torch.Tensor] = None,
+    mem_value_scales: Optional[torch.Tensor] = None,
     backend: str = "auto",
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k memory attention for every query token and query head (Extended Mind Transformers).
@@ -53,17 +55,22 @@ def memory_attention(
     Args:
         query: ``(batch, num_q_heads, q_len, head_dim)``, float32/float16/bfloat16, the queries
             after RoPE, as transformers passes them to attention functions. Any strides.
-        mem_keys: ``(num_kv_heads, mem_len, head_dim)``, float32/float16/bfloat16, one layer's
-            memory keys (before RoPE), shared by the whole batch, on the query's device.
+        mem_keys: ``(num_kv_heads, mem_len, head_dim)``, float32/float16/bfloat16 or int8 (with
+            ``mem_key_scales``), one layer's memory keys (before RoPE), shared by the whole batch,
+            on the query's device.
         mem_values: ``(num_kv_heads, mem_len, head_dim)``, same dtype as ``mem_keys``.
         topk: number of memories per (query token, query head), ``>= 1``. More than ``mem_len``
             selects all of them (``topk_eff = min(topk, mem_len)``).
         scale: logit scale, default ``1 / sqrt(head_dim)``.
         mem_keys_normed: optional ``(num_kv_heads, mem_len, head_dim)`` unit-norm keys used for
             the selection (a :class:`kcore.attention.MemoryBank` stores them); computed from
-            ``mem_keys`` when ``None`` (an extra pass over the keys).
+            ``mem_keys`` when ``None`` (an extra pass over the keys). Any float dtype, also for
+            an int8 bank.
         similarity_threshold: optional cosine similarity below which a selected memory is
             dropped (its logit becomes ``-inf`` and its index ``-1``).
+        mem_key_scales, mem_value_scales: ``(num_kv_heads, mem_len)`` float row scales of an int8
+            bank (row = int8 row * scale, symmetric per-row quantisation); only the k selected
+            rows are dequantised. Required with int8 keys/values, rejected otherwise.
         backend: ``"auto"``, ``"cpu"``, ``"triton"`` or ``"torch"``.
 
     Returns:
@@ -80,31 +87,31 @@ def memory_attention(
         BackendUnavailableError: the requested backend cannot run here.
     """
     scale = _check_inputs(query, mem_keys, mem_values, mem_keys_normed, topk, scale, similarity_threshold)
+    _check_scales(mem_keys, mem_key_scales, mem_value_scales)
     name = resolve_backend(backend, query.device, supported=_SUPPORTED)
     if mem_keys.shape[1] == 0:
         return _empty_result(query)
     if mem_keys_normed is None:
         mem_keys_normed = normalize_keys(mem_keys)
+    args = (query, mem_keys, mem_values, mem_keys_normed, topk, scale, similarity_threshold)
     if name == "cpu":
         from kcore.ops import _memory_attention_cpu
 
-        return _memory_attention_cpu.memory_attention_cpu(
-            query, mem_keys, mem_values, mem_keys_normed, topk, scale, similarity_threshold
-        )
+        return _memory_attention_cpu.memory_attention_cpu(*args, mem_key_scales, mem_value_scales)
     if name == "triton":
         from kcore.kernels.memory_attention import memory_attention_triton
 
-        return memory_attention_triton(
-            query, mem_keys, mem_values, mem_keys_normed, topk, scale, similarity_threshold
-        )
-    return _memory_attention_torch(query, mem_keys, mem_values, mem_keys_normed, topk, scale, similarity_threshold)
+        return memory_attention_triton(*args, mem_key_scales, mem_value_scales)
+    return _memory_attention_torch(*args, key_scales=mem_key_scales, value_scales=mem_value_scales)
 
 
 def normalize_keys(mem_keys: torch.Tensor) -> torch.Tensor:
     """Unit-normalise ``mem_keys`` ``(num_kv_heads, mem_len, head_dim)`` along ``head_dim``
-    (computed in float32, returned in the keys' dtype; zero rows stay zero)."""
+    (computed in float32, returned in the keys' dtype, float32 for int8 keys; zero rows stay
+    zero). The per-row scales of an int8 bank do not change the direction and are ignored."""
     k = mem_keys.float()
-    return (k / k.norm(dim=-1, keepdim=True).clamp_min(1e-12)).to(mem_keys.dtype)
+    out_dtype = torch.float32 if mem_keys.dtype == torch.int8 else mem_keys.dtype
+    return (k / k.norm(dim=-1, keepdim=True).clamp_min(1e-12)).to(out_dtype)
 
 
 def merge_attention_states(
@@ -162,6 +169,8 @@ def memory_attention_joint_reference(
     is_causal: bool = False,
     mem_keys_normed: Optional[torch.Tensor] = None,
     similarity_threshold: Optional[float] = None,
+    mem_key_scales: Optional[torch.Tensor] = None,
+    mem_value_scales: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The anchor's semantics in one piece: context and top-k memory logits concatenated, one
     softmax (Extended Mind Transformers). A float32 reference for tests, not a fast path.
@@ -170,8 +179,8 @@ def memory_attention_joint_reference(
         query: ``(batch, num_q_heads, q_len, head_dim)``.
         context_keys, context_values: ``(batch, num_kv_heads, ctx_len, head_dim)`` (the layer's
             KV cache after RoPE, as transformers passes it).
-        mem_keys, mem_values, mem_keys_normed, topk, scale, similarity_threshold: as in
-            :func:`memory_attention`.
+        mem_keys, mem_values, mem_keys_normed, topk, scale, similarity_threshold,
+        mem_key_scales, mem_value_scales: as in :func:`memory_attention`.
         attention_mask: optional ``(batch, 1 or num_q_heads, q_len, ctx_len)``, bool (True =
             attend) or additive float, over the context only (memories are always visible).
         is_causal: mask context position ``j`` for query ``t`` when
@@ -181,6 +190,7 @@ def memory_attention_joint_reference(
         ``(batch, num_q_heads, q_len, head_dim)`` float32.
     """
     scale = _check_inputs(query, mem_keys, mem_values, mem_keys_normed, topk, scale, similarity_threshold)
+    _check_scales(mem_keys, mem_key_scales, mem_value_scales)
     b, hq, lq, d = query.shape
     hkv = mem_keys.shape[0]
     g = hq // hkv
@@ -204,9 +214,9 @@ def memory_attention_joint_reference(
         if mem_keys_normed is None:
             mem_keys_normed = normalize_keys(mem_keys)
         idx, mem_logits = _select_and_score(
-            q, mem_keys.float(), mem_keys_normed.float(), topk, scale, similarity_threshold
+            q, mem_keys, mem_keys_normed, topk, scale, similarity_threshold, key_scales=mem_key_scales
         )
-        v_sel = _gather_rows(mem_values.float(), idx.clamp_min(0), g)
+        v_sel = _gather_rows(mem_values, idx.clamp_min(0), g, row_scales=mem_value_scales)
     logits = torch.cat([ctx_logits, mem_logits], dim=-1)
     p = torch.softmax(logits, dim=-1).nan_to_num(0.0)
     return torch.einsum("bhls,bhsd->bhld", p[..., :s], vc) + torch.einsum("bhlk,bhlkd->bhld", p[..., s:], v_sel)
@@ -215,7 +225,7 @@ def memory_attention_joint_reference(
 def _check_inputs(query, mem_keys, mem_values, mem_keys_normed, topk, scale, similarity_threshold) -> float:
     check_tensor("query", query, ndim=4, dtypes=_FLOAT_DTYPES, dims="(batch, num_q_heads, q_len, head_dim)")
     dev = query.device
-    check_tensor("mem_keys", mem_keys, ndim=3, dtypes=_FLOAT_DTYPES, device=dev, dims="(num_kv_heads, mem_len, head_dim)")
+    check_tensor("mem_keys", mem_keys, ndim=3, dtypes=_FLOAT_DTYPES + (torch.int8,), device=dev, dims="(num_kv_heads, mem_len, head_dim)")
     check_tensor("mem_values", mem_values, ndim=3, dtypes=(mem_keys.dtype,), device=dev, dims="(num_kv_heads, mem_len, head_dim)")
     if mem_values.shape != mem_keys.shape:
         raise InvalidInputError(f"mem_values must have mem_keys' shape {tuple(mem_keys.shape)}, got {tuple(mem_values.shape)}")
@@ -243,6 +253,20 @@ def _check_inputs(query, mem_keys, mem_values, mem_keys_normed, topk, scale, sim
     return scale
 
 
+def _check_scales(mem_keys, key_scales, value_scales) -> None:
+    if mem_keys.dtype != torch.int8:
+        if key_scales is not None or value_scales is not None:
+            raise InvalidInputError(f"mem_key_scales/mem_value_scales are for int8 banks; mem_keys is {mem_keys.dtype}")
+        return
+    want = tuple(mem_keys.shape[:2])
+    for name, t in (("mem_key_scales", key_scales), ("mem_value_scales", value_scales)):
+        if t is None:
+            raise InvalidInputError(f"{name} (num_kv_heads, mem_len) is required with int8 mem_keys/mem_values")
+        check_tensor(name, t, ndim=2, dtypes=_FLOAT_DTYPES, device=mem_keys.device, dims="(num_kv_heads, mem_len)")
+        if tuple(t.shape) != want:
+            raise InvalidInputError(f"{name} must have shape {want}, got {tuple(t.shape)}")
+
+
 def _empty_result(query: torch.Tensor):
     b, h, lq, _ = query.shape
     out = torch.zeros_like(query, memory_format=torch.contiguous_format)
@@ -251,15 +275,21 @@ def _empty_result(query: torch.Tensor):
     return out, lse, idx
 
 
-def _gather_rows(rows: torch.Tensor, idx: torch.Tensor, group: int) -> torch.Tensor:
+def _gather_rows(rows: torch.Tensor, idx: torch.Tensor, group: int, dtype=torch.float32, row_scales=None):
     """rows ``(num_kv_heads, mem_len, head_dim)``, idx ``(batch, num_q_heads, q_len, k)`` ->
-    ``(batch, num_q_heads, q_len, k, head_dim)``."""
+    ``(batch, num_q_heads, q_len, k, head_dim)`` in ``dtype``; only the gathered rows are
+    converted (and dequantised with ``row_scales`` ``(num_kv_heads, mem_len)`` for int8)."""
     hq = idx.shape[1]
     kv = (torch.arange(hq, device=idx.device) // group).view(1, hq, 1, 1)
-    return rows[kv, idx]
+    out = rows[kv, idx].to(dtype)
+    if row_scales is not None:
+        out = out * row_scales[kv, idx].to(dtype).unsqueeze(-1)
+    return out
 
 
-def _select_and_score(q, keys, keys_normed, topk, scale, similarity_threshold, compute_dtype=torch.float32):
+def _select_and_score(
+    q, keys, keys_normed, topk, scale, similarity_threshold, compute_dtype=torch.float32, key_scales=None
+):
     """Selection and memory logits shared by the torch backend and the joint reference.
 
     Returns ``indices`` ``(batch, num_q_heads, q_len, k)`` (-1 where dropped) and the scaled
@@ -280,7 +310,7 @@ def _select_and_score(q, keys, keys_normed, topk, scale, similarity_threshold, c
         idxs.append(top_i)
     top_sim = torch.cat(sims, dim=3).reshape(b, hq, lq, k_eff)
     idx = torch.cat(idxs, dim=3).reshape(b, hq, lq, k_eff)
-    k_sel = _gather_rows(keys.to(compute_dtype), idx, g)
+    k_sel = _gather_rows(keys, idx, g, compute_dtype, key_scales)
     logits = (q.unsqueeze(-2) * k_sel).sum(-1) * scale
     if similarity_threshold is not None:
         q_norm = q.float().norm(dim=-1, keepdim=True)
@@ -291,18 +321,19 @@ def _select_and_score(q, keys, keys_normed, topk, scale, similarity_threshold, c
 
 
 def _memory_attention_torch(
-    query, mem_keys, mem_values, mem_keys_normed, topk, scale, similarity_threshold, compute_dtype=torch.float32
+    query, mem_keys, mem_values, mem_keys_normed, topk, scale, similarity_threshold, compute_dtype=torch.float32,
+    key_scales=None, value_scales=None,
 ):
     """The reference backend: selection, gather and softmax in plain torch, in ``compute_dtype``
     (float32 by default; tests also run it in the inputs' low precision to size tolerances)."""
     hq = query.shape[1]
     g = hq // mem_keys.shape[0]
     idx, logits = _select_and_score(
-        query, mem_keys, mem_keys_normed, topk, scale, similarity_threshold, compute_dtype
+        query, mem_keys, mem_keys_normed, topk, scale, similarity_threshold, compute_dtype, key_scales
     )
     lse = torch.logsumexp(logits.float(), dim=-1)
     lse_safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
     p = torch.exp(logits.float() - lse_safe.unsqueeze(-1)).to(compute_dtype)
-    v_sel = _gather_rows(mem_values.to(compute_dtype), idx.clamp_min(0), g)
+    v_sel = _gather_rows(mem_values, idx.clamp_min(0), g, compute_dtype, value_scales)
     out = (p.unsqueeze(-1) * v_sel).sum(-2)
     return out.to(query.dtype), lse, idx
