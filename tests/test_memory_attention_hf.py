@@ -230,7 +230,7 @@ def test_smollm2_memory_generate_with_citations(smollm2):
         with enable_memory_attention(model, MemoryBank.empty(model), topk=8):
             empty = model.generate(**ids, max_new_tokens=8, do_sample=False)
         with enable_memory_attention(model, bank, topk=8) as handle:
-            out = model.generate(**ids, max_new_tokens=8, do_sample=False)
+            out = model.generate(**ids, max_new_tokens=12, do_sample=False)
             cites = handle.citations(top=2)
     assert torch.equal(empty, plain)
     n = ids["input_ids"].shape[1]
