@@ -418,6 +418,10 @@ class MemoryBank:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
         os.close(fd)
+        # mkstemp creates the file 0600; give the bank the permissions of an ordinary new file.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         try:
             save_file(tensors, tmp, metadata={"kcore": json.dumps(meta)})
             os.replace(tmp, path)
