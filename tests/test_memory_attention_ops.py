@@ -355,11 +355,11 @@ def test_int8_bank_argument_checks():
 def test_cpu_large_memory_split_over_threads(monkeypatch, threads):
     """Big enough that the C++ kernel splits the memory over threads and merges their top-k."""
     monkeypatch.setenv("KCORE_NUM_THREADS", threads)
-    q, k, v = _make(1, 4, 2, 1, 64, 20000, seed=31)
-    k[1, 19999] = q[0, 2, 0] * 3  # the best key of KV head 1 sits in the last split
+    q, k, v = _make(1, 4, 2, 1, 64, 40000, seed=31)
+    k[1, 39999] = q[0, 2, 0] * 3  # the best key of KV head 1 sits in the last split
     out, lse, idx = memory_attention(q, k, v, topk=12, backend="cpu")
     ref = memory_attention(q, k, v, topk=12, backend="torch")
-    assert idx[0, 2, 0, 0].item() == 19999
+    assert idx[0, 2, 0, 0].item() == 39999
     _assert_same_selection(q, k, ref[2], idx)
     torch.testing.assert_close(out, ref[0], atol=2e-5, rtol=0)
     torch.testing.assert_close(lse, ref[1], atol=2e-5, rtol=0)
