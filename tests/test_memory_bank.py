@@ -1,0 +1,157 @@
+import json
+
+import pytest
+import torch
+from membank_util import DOCS, tiny_model, tiny_tokenizer
+
+from kcore.attention import MemoryBank
+from kcore.errors import FileFormatError, InvalidInputError, TokenizerMismatchError
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return tiny_model(len(tok.get_vocab()))
+
+
+def independent_kv(model, ids, layer):
+    """k_proj / v_proj outputs of ``layer`` for the sequence ``ids``, from the hidden states the
+    model returns (input layer norm applied by hand), as (num_kv_heads, len, head_dim)."""
+    with torch.no_grad():
+        hs = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[layer]
+        attn = model.model.layers[layer]
+        x = attn.input_layernorm(hs)
+        k = attn.self_attn.k_proj(x)[0].view(len(ids), 2, 16).transpose(0, 1)
+        v = attn.self_attn.v_proj(x)[0].view(len(ids), 2, 16).transpose(0, 1)
+    return k, v
+
+
+def first_window_start(t, window, stride):
+    return 0 if t < window else ((t - window) // stride + 1) * stride
+
+
+@pytest.mark.parametrize("window,stride", [(64, 64), (8, 3), (8, 8), (5, 1)])
+def test_keys_and_values_are_kproj_outputs_with_most_left_context(model, tok, window, stride):
+    bank = MemoryBank.build(model, tok, DOCS, window=window, stride=stride, dtype=torch.float32, progress=False)
+    offset = 0
+    for doc in DOCS:
+        ids = tok(doc, add_special_tokens=False).input_ids
+        for layer in (0, 1):
+            want_k = torch.empty(2, len(ids), 16)
+            want_v = torch.empty(2, len(ids), 16)
+            for t in range(len(ids)):
+                s = first_window_start(t, window, stride)
+                k, v = independent_kv(model, ids[s : s + window], layer)
+                want_k[:, t], want_v[:, t] = k[:, t - s], v[:, t - s]
+            got_k = bank.keys(layer)[:, offset : offset + len(ids)]
+            got_v = bank.values(layer)[:, offset : offset + len(ids)]
+            torch.testing.assert_close(got_k, want_k, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got_v, want_v, atol=1e-5, rtol=1e-5)
+        offset += len(ids)
+    assert bank.mem_len == offset
+    kn = bank.keys_normed(1)
+    torch.testing.assert_close(kn, bank.keys(1) / bank.keys(1).norm(dim=-1, keepdim=True))
+
+
+def test_token_map_points_at_the_token_text(model, tok):
+    bank = MemoryBank.build(model, tok, DOCS, window=16, stride=8, progress=False)
+    texts = [bank.text(i) for i in range(bank.mem_len)]
+    want = [w for d in DOCS for w in d.split()]
+    assert texts == want
+    assert bank.span(0).document == 0 and bank.span(bank.mem_len - 1).document == 1
+    assert bank.keys(0).dtype == torch.float16
+
+
+def test_layers_subset_and_bad_arguments(model, tok):
+    bank = MemoryBank.build(model, tok, DOCS[:1], window=16, stride=8, layers=[1], progress=False)
+    assert bank.layers == [1]
+    with pytest.raises(InvalidInputError, match="layer 0"):
+        bank.keys(0)
+    with pytest.raises(InvalidInputError, match="stride"):
+        MemoryBank.build(model, tok, DOCS, window=4, stride=8, progress=False)
+    with pytest.raises(InvalidInputError, match="window"):
+        MemoryBank.build(model, tok, DOCS, window=0, stride=1, progress=False)
+    with pytest.raises(InvalidInputError, match="layers"):
+        MemoryBank.build(model, tok, DOCS, window=4, stride=2, layers=[5], progress=False)
+    with pytest.raises(InvalidInputError, match="documents"):
+        MemoryBank.build(model, tok, "one string", window=4, stride=2, progress=False)
+
+
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_save_load_round_trip(model, tok, tmp_path, quantization):
+    bank = MemoryBank.build(model, tok, DOCS, window=16, stride=8, quantization=quantization, progress=False)
+    path = tmp_path / "bank.safetensors"
+    bank.save(path)
+    assert not list(tmp_path.glob("*.tmp"))
+    back = MemoryBank.load(path, tokenizer=tok, model=model)
+    assert (back.layers, back.mem_len, back.dtype, back.quantization) == (bank.layers, bank.mem_len, bank.dtype, quantization)
+    assert back.documents == DOCS and (back.window, back.stride) == (16, 8)
+    assert torch.equal(back.token_map, bank.token_map)
+    for layer in bank.layers:
+        assert torch.equal(back.keys(layer), bank.keys(layer))
+        assert torch.equal(back.values(layer), bank.values(layer))
+
+
+def test_int8_error_is_within_half_a_step_per_row(model, tok):
+    full = MemoryBank.build(model, tok, DOCS, window=16, stride=8, dtype=torch.float32, progress=False)
+    q = MemoryBank.build(model, tok, DOCS, window=16, stride=8, dtype=torch.float32, quantization="int8", progress=False)
+    assert q.nbytes < full.nbytes / 3
+    for layer in full.layers:
+        for a, b in ((full.keys(layer), q.keys(layer)), (full.values(layer), q.values(layer))):
+            step = a.abs().amax(dim=-1, keepdim=True) / 127
+            assert ((a - b).abs() <= step / 2 + 1e-6).all()
+
+
+def test_corrupted_or_foreign_files_are_rejected(model, tok, tmp_path):
+    from safetensors.torch import save_file
+
+    bank = MemoryBank.build(model, tok, DOCS, window=16, stride=8, progress=False)
+    path = tmp_path / "bank.safetensors"
+    bank.save(path)
+    data = path.read_bytes()
+
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(data[: len(data) - 100])
+    with pytest.raises(FileFormatError, match="truncated.safetensors"):
+        MemoryBank.load(truncated)
+
+    flipped = bytearray(data)
+    flipped[-7] ^= 0x40
+    bad = tmp_path / "flipped.safetensors"
+    bad.write_bytes(bytes(flipped))
+    with pytest.raises(FileFormatError, match="checksum"):
+        MemoryBank.load(bad)
+
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"x": torch.zeros(3)}, str(foreign))
+    with pytest.raises(FileFormatError, match="metadata"):
+        MemoryBank.load(foreign)
+
+    with pytest.raises(FileFormatError, match="no such file"):
+        MemoryBank.load(tmp_path / "missing.safetensors")
+
+    # A newer format version is refused, not misread.
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["kcore"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta["version"] = 99
+    newer = tmp_path / "newer.safetensors"
+    save_file(tensors, str(newer), metadata={"kcore": json.dumps(meta)})
+    with pytest.raises(FileFormatError, match="version 99"):
+        MemoryBank.load(newer)
+
+    other = tiny_tokenizer()
+    other.add_tokens(["zebra"])
+    with pytest.raises(TokenizerMismatchError):
+        MemoryBank.load(path, tokenizer=other)
+
+
+def test_empty_bank_has_no_tokens(model):
+    bank = MemoryBank.empty(model)
+    assert bank.mem_len == 0 and bank.keys(0).shape == (2, 0, 16)
