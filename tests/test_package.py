@@ -26,5 +26,5 @@ def test_import_kcore_does_not_import_transformers_or_triton():
 
 def test_cli_help_lists_commands():
     out = subprocess.run([sys.executable, "-m", "kcore", "--help"], capture_output=True, text=True, check=True).stdout
-    for name in ("bench",):
+    for name in ("ask", "build-trie", "build-datastore", "perplexity", "memory-generate", "bench"):
         assert name in out

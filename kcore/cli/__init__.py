@@ -18,13 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kcore", description="Knowledge-augmented LLM decoding with native kernels.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"kcore.cli.{name}")
-        except ModuleNotFoundError as e:  # INTEGRATION: subcommand not merged yet
-            if e.name != f"kcore.cli.{name}":
-                raise
-            continue
-        module.register(sub)
+        importlib.import_module(f"kcore.cli.{name}").register(sub)
     return parser
 
 
