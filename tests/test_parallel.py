@@ -168,3 +168,29 @@ def test_exit_right_after_pool_use_is_clean():
     r = _run_child("print('done')\n", timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "done"
+
+
+def test_many_workers_many_callers_in_subprocess():
+    # More workers than cores (KCORE_NUM_THREADS=4) and 4 callers hammering small and large calls:
+    # the chunks a late worker misses are run by the caller, and no call loses a chunk.
+    body = """
+    import threading
+    keys_small = keys[:20_000]
+    ref_small = knn_search(queries, keys_small, 10, backend="torch")
+    errors = []
+    def work():
+        try:
+            for _ in range(20):
+                check()
+                assert torch.equal(knn_search(queries, keys_small, 10, backend="cpu")[1], ref_small[1])
+        except BaseException as e:
+            errors.append(repr(e))
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads: t.start()
+    for t in threads: t.join()
+    assert not errors, errors
+    print("ok")
+    """
+    r = _run_child(body, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "ok"

@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <exception>
 #include <mutex>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -41,12 +42,17 @@ thread_local bool t_inside_job = false;
 // still run in parallel with each other).
 class Pool {
  public:
-  explicit Pool(int workers) : num_workers_(workers) {
-    for (int i = 0; i < workers; ++i) {
-      // Detached on purpose, and the Pool is never destroyed: joining from a static destructor at
-      // interpreter exit can deadlock (the loader lock, or workers already killed), and parked
-      // workers hold no resource the OS does not reclaim at exit.
-      std::thread([this] { worker_loop(); }).detach();
+  explicit Pool(int workers) {
+    // A worker that cannot be started (thread limit reached) only means fewer helpers: chunks are
+    // claimed dynamically, so the caller runs whatever no worker takes.
+    try {
+      for (; num_workers_ < workers; ++num_workers_) {
+        // Detached on purpose, and the Pool is never destroyed: joining from a static destructor
+        // at interpreter exit can deadlock (the loader lock, or workers already killed), and
+        // parked workers hold no resource the OS does not reclaim at exit.
+        std::thread([this] { worker_loop(); }).detach();
+      }
+    } catch (const std::system_error&) {
     }
   }
 
