@@ -1,4 +1,5 @@
-// Minimal fork-join parallelism for the CPU kernels (no OpenMP dependency in the wheel).
+// Minimal fork-join parallelism for the CPU kernels on a persistent thread pool (no OpenMP
+// dependency in the wheel).
 #pragma once
 #include <cstdint>
 #include <functional>
@@ -10,8 +11,11 @@ namespace kcore {
 int num_threads();
 
 // Calls fn(begin, end) on disjoint chunks covering [0, n), each of at least `grain` items, on up
-// to num_threads() threads (the caller's thread included); runs inline when one chunk suffices.
-// The first exception thrown by a chunk is rethrown to the caller after all chunks finish.
+// to num_threads() threads of a persistent pool (the caller's thread included; workers are started
+// once, at the first parallel call). Runs inline, as fn(0, n), when one chunk suffices, when called
+// from inside a chunk (nested), or when another thread's call holds the pool. The first exception
+// thrown by a chunk is rethrown to the caller after all chunks finish. Fork-safe: a forked child
+// starts a fresh pool.
 void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
 
 }  // namespace kcore

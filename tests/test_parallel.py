@@ -1,0 +1,196 @@
+"""kcore's persistent thread pool (csrc/core/parallel.cpp), exercised through the ops that use it.
+
+Every op is compared with an independent result (the torch backend, or the same op row by row,
+which runs single-threaded), while 8 Python threads call the ops at once; forked children and a
+process exiting right after a parallel call must neither hang nor crash.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import kcore
+from kcore.ops import apply_token_bitmask_, knn_search
+from kcore.ops.memory_attention import memory_attention
+from kcore.trie import FactTrie
+
+# The ops below are large enough to be split over threads (knn: >= 8192 keys per chunk; trie:
+# >= 1024 rows; bitmask: >= 2 MiB of logits per chunk; memory attention: >= 8 MiB of keys).
+KNN_KEYS, DIM = 100_000, 64
+TRIE_BATCH = 4096
+
+
+def _trie(folder: Path) -> FactTrie:
+    rng = np.random.default_rng(0)
+    facts = [rng.integers(0, 1000, size=int(rng.integers(1, 5))).tolist() for _ in range(3000)]
+    return FactTrie.build(facts, folder / "p.ktrie", vocab_size=1000, progress=False)
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory):
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(KNN_KEYS, DIM, generator=g)
+    queries = torch.randn(4, DIM, generator=g)
+    # 2 KV heads x 20k memories x 64 x 4 bytes = 10 MiB of keys: above the split threshold.
+    q = torch.randn(1, 6, 1, DIM, generator=g)
+    mk = torch.randn(2, 20_000, DIM, generator=g)
+    mv = torch.randn(2, 20_000, DIM, generator=g)
+    trie = _trie(tmp_path_factory.mktemp("trie"))
+    rng = np.random.default_rng(1)
+    prefixes = [trie.root_state] + [trie.state_of(p) for p in ([int(t)] for t in trie.next_tokens([])[:50])]
+    states = np.array([prefixes[i] for i in rng.integers(0, len(prefixes), TRIE_BATCH)], dtype=np.int64)
+    tokens = rng.integers(0, 1000, TRIE_BATCH).astype(np.int64)
+    logits = torch.randn(256, 49152, generator=g)
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (256, 49152 // 32), generator=g, dtype=torch.int32)
+    return dict(keys=keys, queries=queries, q=q, mk=mk, mv=mv, trie=trie, states=states, tokens=tokens,
+                logits=logits, bitmask=bitmask)
+
+
+def _expected(c):
+    """Reference results computed without the pool: torch backends, and the trie row by row."""
+    knn = knn_search(c["queries"], c["keys"], 10, backend="torch")
+    attn = memory_attention(c["q"], c["mk"], c["mv"], topk=32, backend="torch")
+    trie = c["trie"]
+    step = np.array([trie.step([s], [t])[0] for s, t in zip(c["states"], c["tokens"])])
+    words = (1000 + 31) // 32
+    mask = np.zeros((TRIE_BATCH, words), dtype=np.int32)
+    for i, s in enumerate(c["states"]):
+        trie.fill_bitmask([s], mask[i : i + 1])
+    masked = c["logits"].clone()
+    apply_token_bitmask_(masked, c["bitmask"], backend="torch")
+    return knn, attn, step, mask, masked
+
+
+def _check_once(c, expected):
+    knn, attn, step, mask, masked = expected
+    d, i = knn_search(c["queries"], c["keys"], 10, backend="cpu")
+    torch.testing.assert_close(d, knn[0], rtol=1e-4, atol=1e-3)
+    assert torch.equal(i, knn[1])
+    out, lse, idx = memory_attention(c["q"], c["mk"], c["mv"], topk=32, backend="cpu")
+    torch.testing.assert_close(out, attn[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(lse, attn[1], rtol=1e-4, atol=1e-4)
+    assert torch.equal(idx.sort(-1).values, attn[2].sort(-1).values)
+    trie = c["trie"]
+    assert np.array_equal(trie.step(c["states"], c["tokens"]), step)
+    got = np.zeros_like(mask)
+    trie.fill_bitmask(c["states"], got)
+    assert np.array_equal(got, mask)
+    logits = c["logits"].clone()
+    apply_token_bitmask_(logits, c["bitmask"], backend="cpu")
+    assert torch.equal(logits, masked)
+
+
+def test_ops_match_references_from_eight_threads(cases):
+    expected = _expected(cases)
+    _check_once(cases, expected)  # single caller first: the pool gets every chunk
+    errors: list = []
+    barrier = threading.Barrier(8)
+
+    def work():
+        try:
+            barrier.wait()
+            for _ in range(3):
+                _check_once(cases, expected)
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a parallel call hung"
+    assert not errors, errors
+
+
+def test_chunk_exception_reaches_caller_and_pool_survives(cases):
+    trie, states, tokens = cases["trie"], cases["states"].copy(), cases["tokens"]
+    states[-1] = -7  # not a state: thrown inside the last chunk
+    for _ in range(3):
+        with pytest.raises(kcore.InvalidInputError, match="not a state"):
+            trie.step(states, tokens)
+    expected = np.array([trie.step([s], [t])[0] for s, t in zip(cases["states"][:64], tokens[:64])])
+    assert np.array_equal(trie.step(cases["states"], tokens)[:64], expected)
+
+
+# Run in a fresh interpreter with 4 threads, so the pool has several workers even on a 2-core box.
+_CHILD_PRELUDE = """
+import os, sys, time, torch
+from kcore.ops import knn_search
+keys = torch.randn(100_000, 64)
+queries = torch.randn(4, 64)
+ref = knn_search(queries, keys, 10, backend="torch")
+def check():
+    d, i = knn_search(queries, keys, 10, backend="cpu")
+    assert torch.equal(i, ref[1]), "wrong neighbours"
+check()  # the pool exists from here on
+"""
+
+
+def _run_child(body: str, timeout: float) -> subprocess.CompletedProcess:
+    env = dict(os.environ, KCORE_NUM_THREADS="4")
+    code = textwrap.dedent(_CHILD_PRELUDE) + textwrap.dedent(body)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_forked_child_after_pool_use_does_not_hang():
+    body = """
+    import multiprocessing as mp
+    def child(q):
+        check()
+        q.put("ok")
+    ctx = mp.get_context("fork")
+    for _ in range(2):
+        q = ctx.Queue()
+        p = ctx.Process(target=child, args=(q,))
+        p.start()
+        p.join(60)
+        assert p.exitcode == 0, f"child exit code {p.exitcode}"
+        assert q.get(timeout=5) == "ok"
+    check()  # the parent's pool still works after forking
+    print("parent ok")
+    """
+    r = _run_child(body, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "parent ok" in r.stdout
+
+
+def test_exit_right_after_pool_use_is_clean():
+    r = _run_child("print('done')\n", timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "done"
+
+
+def test_many_workers_many_callers_in_subprocess():
+    # More workers than cores (KCORE_NUM_THREADS=4) and 4 callers hammering small and large calls:
+    # the chunks a late worker misses are run by the caller, and no call loses a chunk.
+    body = """
+    import threading
+    keys_small = keys[:20_000]
+    ref_small = knn_search(queries, keys_small, 10, backend="torch")
+    errors = []
+    def work():
+        try:
+            for _ in range(20):
+                check()
+                assert torch.equal(knn_search(queries, keys_small, 10, backend="cpu")[1], ref_small[1])
+        except BaseException as e:
+            errors.append(repr(e))
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads: t.start()
+    for t in threads: t.join()
+    assert not errors, errors
+    print("ok")
+    """
+    r = _run_child(body, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "ok"
