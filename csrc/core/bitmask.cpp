@@ -180,7 +180,7 @@ void apply_token_bitmask_cpu(const BitmaskArgs& a) {
       for (int64_t i = begin; i < end; ++i) mask_row<false>(a, a.indices ? a.indices[i] : i);
     }
   };
-  // parallel_for asks the OS for the CPU count (~5 us), more than a small batch takes in total.
+  // Waking pool threads costs microseconds, more than a small batch takes in total.
   if (n_rows <= grain) {
     rows(0, n_rows);
   } else {

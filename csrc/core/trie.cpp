@@ -23,8 +23,8 @@ constexpr int64_t kDead = -1;
 // Rows per thread in batched calls: a row costs well under a microsecond, a thread start tens.
 constexpr int64_t kRowGrain = 512;
 
-// parallel_for asks the OS for the CPU count on every call (microseconds): small batches, the
-// common case in decoding, run inline without it.
+// Waking pool threads costs microseconds, more than a small batch takes: small batches, the
+// common case in decoding, run inline.
 template <typename Fn>
 void for_rows(int64_t n, const Fn& fn) {
   if (n < 2 * kRowGrain) {
