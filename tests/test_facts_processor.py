@@ -215,6 +215,72 @@ def test_non_contiguous_rows_and_strided_scores(tok, trie_and_seqs):
     assert torch.all(big[:, len(tok) + 5:] == 0), "columns outside the view untouched"
 
 
+class _TrieWithoutNativeHandle:
+    """A FactTrie seen through its public methods only: the processor falls back to separate
+    native calls (step, is_complete, fill_bitmask, apply) instead of the fused step."""
+
+    def __init__(self, trie):
+        self._trie = trie
+
+    def __getattr__(self, name):
+        if name == "_t":
+            raise AttributeError(name)
+        return getattr(self._trie, name)
+
+
+@pytest.mark.parametrize("avoid_duplicates", [True, False])
+def test_fused_and_separate_call_paths_agree_with_oracle(tok, trie_and_seqs, avoid_duplicates):
+    trie, seqs = trie_and_seqs
+    fused = FactLogitsProcessor(trie, tok, avoid_duplicates=avoid_duplicates)
+    separate = FactLogitsProcessor(_TrieWithoutNativeHandle(trie), tok, avoid_duplicates=avoid_duplicates)
+    assert fused._trie_handle is not None and separate._trie_handle is None
+
+    class Both:
+        """Runs both processors on the same inputs and checks they mask identically."""
+
+        avoid_duplicates = fused.avoid_duplicates
+        _tracker = fused._tracker
+
+        def __call__(self, input_ids, scores):
+            other = separate(input_ids, scores.clone())
+            out = fused(input_ids, scores)
+            assert torch.equal(out, other)
+            return out
+
+    prompts = [tok.encode("Fact:")] * 2 + [tok.encode("Hello Fact: Japan")] * 2
+    drive(Both(), _oracle(tok, seqs, fused), tok, prompts, steps=80, seed=11, beam_groups=2, trigger_rate=0.5)
+
+
+def test_fact_step_rejects_bad_arrays(tok, trie_and_seqs):
+    from kcore._native import native
+
+    trie, _ = trie_and_seqs
+    n, words = 2, (len(tok) + 31) // 32
+
+    def call(**over):
+        args = dict(trie=trie._t, rows=n, mode=np.ones(n, np.int8), state=np.full(n, trie.root_state, np.int64),
+                    step_token=np.full(n, -1, np.int64), written_offsets=None, written_ids=None, avoid_duplicates=True,
+                    terminator=np.array([tok.ids["\n"]], np.int64), bitmask=np.zeros((n, words), np.int32),
+                    first=np.zeros(n, np.int64), flags=np.zeros(n, np.uint8), constrained=np.zeros(n, np.int64),
+                    logits=0, dtype=0, vocab=len(tok), logits_row_stride=len(tok))
+        args.update(over)
+        return native().fact_step(**args)
+
+    assert call() == 2
+    with pytest.raises(InvalidInputError, match="state must have dtype"):
+        call(state=np.zeros(n, np.int32))
+    with pytest.raises(InvalidInputError, match="bitmask must have shape"):
+        call(bitmask=np.zeros((n + 1, words), np.int32))
+    with pytest.raises(InvalidInputError, match="terminator index"):
+        call(mode=np.full(n, 2, np.int8), state=np.full(n, 5, np.int64))
+    with pytest.raises(InvalidInputError, match="written_ids must be sorted"):
+        call(written_offsets=np.array([0, 2, 2], np.int64), written_ids=np.array([3, 1], np.int64))
+    with pytest.raises(InvalidInputError):
+        call(state=np.full(n, 1 << 40, np.int64))  # not a state of this trie
+    with pytest.raises(InvalidInputError, match="dtype must be"):
+        call(logits=1, dtype=7)
+
+
 def test_prefix_allowed_tokens_fn_matches_processor(tok, trie_and_seqs):
     trie, seqs = trie_and_seqs
     fn = prefix_allowed_tokens_fn(trie, tok)
