@@ -389,12 +389,13 @@ class FactLogitsProcessor(_LogitsProcessorBase):
             nodes.append(root_nodes[g])
         self._nodes = nodes
 
-    def _find_parent(self, i: int, row, input_ids: torch.Tensor) -> Optional[_Node]:
-        cands = self._index.get((self._groups[i], int(row[-2])))
+    def _find_parent(self, i: int, prev: int, rows, input_ids: torch.Tensor) -> Optional[_Node]:
+        cands = self._index.get((self._groups[i], prev))
         if not cands:
             return None
         if len(cands) == 1:
             return cands[0]
+        row = rows[i]
         # Several live sequences of this prompt end with the same token: look further back
         # until one is left (nodes are unique per sequence, so this ends before the roots).
         level = [(c, c) for c in cands]
@@ -417,17 +418,20 @@ class FactLogitsProcessor(_LogitsProcessorBase):
         tr = self._tracker
         # CPU: a zero-copy numpy view of the whole tensor (rows are read from the end only);
         # other devices: one transfer of the last few columns.
-        rows = input_ids.numpy() if input_ids.device.type == "cpu" else input_ids[:, -self._tail:].cpu().numpy()
+        # Each row's last two tokens as Python ints in one call; whole rows are read only when a
+        # new node is made or several candidate parents share the previous token (few calls
+        # per step: the processor runs right after the forward pass, with cold caches).
+        rows = input_ids.numpy() if input_ids.is_cpu else input_ids[:, -self._tail:].cpu().numpy()
         end = rows.shape[1]
         pending: list = []
         nodes = []
-        for i in range(rows.shape[0]):
-            row = rows[i]
-            parent = self._find_parent(i, row, input_ids)
+        for i, (prev, tok) in enumerate(rows[:, -2:].tolist()):
+            parent = self._find_parent(i, prev, rows, input_ids)
             if parent is None:  # not a continuation of a row we saw: rebuild it from its tokens
                 nodes.append(tr.scan(input_ids[i].detach().cpu().numpy()))
                 continue
-            nodes.append(tr.child(parent, int(row[-1]), row, end, pending))
+            node = parent.children.get(tok)
+            nodes.append(node if node is not None else tr.child(parent, tok, rows[i], end, pending))
         self._nodes = nodes
         return pending
 
@@ -441,13 +445,14 @@ class FactLogitsProcessor(_LogitsProcessorBase):
 
     # Call ---------------------------------------------------------------------------------
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if input_ids.dim() != 2 or scores.dim() != 2 or input_ids.shape[0] != scores.shape[0]:
+        ishape, sshape = input_ids.shape, scores.shape
+        if len(ishape) != 2 or len(sshape) != 2 or ishape[0] != sshape[0]:
             raise InvalidInputError(
                 f"input_ids (batch, seq_len) and scores (batch, vocab) must be 2-D with the same batch, "
-                f"got {tuple(input_ids.shape)} and {tuple(scores.shape)}"
+                f"got {tuple(ishape)} and {tuple(sshape)}"
             )
-        batch, length = input_ids.shape
-        vocab = scores.shape[1]
+        batch, length = ishape
+        vocab = sshape[1]
         if vocab < self._tracker.vocab_size:
             raise InvalidInputError(f"scores must have >= trie.vocab_size={self._tracker.vocab_size} columns, got {vocab}")
         pending: list = []
@@ -504,11 +509,13 @@ class FactLogitsProcessor(_LogitsProcessorBase):
         if any_written and self.avoid_duplicates:
             offsets, ids = self._written_csr(nodes)
         dtype_code = _DTYPE_CODES.get(scores.dtype)
-        fused_apply = scores.device.type == "cpu" and dtype_code is not None and (scores.stride(1) == 1 or scores.shape[1] == 1)
+        vocab = scores.shape[1]
+        strides = scores.stride()
+        fused_apply = scores.is_cpu and dtype_code is not None and (strides[1] == 1 or vocab == 1)
         n = self._fact_step(
             self._trie_handle, len(nodes), mode, state, step_token, offsets, ids, self.avoid_duplicates, self._term,
             self._bitmask, self._first, self._flags, self._constrained,
-            scores.data_ptr() if fused_apply else 0, dtype_code or 0, scores.shape[1], scores.stride(0),
+            scores.data_ptr() if fused_apply else 0, dtype_code or 0, vocab, strides[0],
         )
         states, firsts, flags = state.tolist(), self._first.tolist(), self._flags.tolist()
         for i, nd in enumerate(nodes):
