@@ -340,6 +340,9 @@ def test_bad_inputs(tok, trie_and_seqs):
 
 
 # ---------------------------------------------------------------------------- real model (slow)
+# Kept short: the prompt's few-shot examples make it ~260 tokens, so each row's prefill costs more
+# than the decode steps; rows and new tokens are as few as the checks need (a fact line is about 8
+# tokens).
 
 QUESTIONS = ["What is the capital of Japan?", "Which languages are spoken in Switzerland?", "Kenya is a country in Africa. What is the capital of Kenya?"]
 
@@ -382,8 +385,9 @@ def _check_all_found(trie, facts, min_facts):
 @pytest.mark.slow
 def test_smollm2_greedy_batch_left_padding(smollm2, geo_trie):
     _, tokenizer = smollm2
-    out, plen, facts = _generate(smollm2, geo_trie, QUESTIONS, max_new_tokens=32, do_sample=False)
-    _check_all_found(geo_trie, facts, min_facts=3)
+    # Japan (257 prompt tokens) and Kenya (265): left padded.
+    out, plen, facts = _generate(smollm2, geo_trie, [QUESTIONS[0], QUESTIONS[2]], max_new_tokens=12, do_sample=False)
+    _check_all_found(geo_trie, facts, min_facts=2)
     texts = [f.text for row in facts for f in row]
     assert "Japan capital Tokyo ." in texts and "Kenya capital Nairobi ." in texts
     # the prompts differ in length: left padding was used
@@ -393,18 +397,18 @@ def test_smollm2_greedy_batch_left_padding(smollm2, geo_trie):
 @pytest.mark.slow
 def test_smollm2_sampling_num_return_sequences(smollm2, geo_trie):
     torch.manual_seed(0)
-    _, _, facts = _generate(smollm2, geo_trie, QUESTIONS[:2], max_new_tokens=32, do_sample=True, temperature=1.3,
+    _, _, facts = _generate(smollm2, geo_trie, QUESTIONS[1:2], max_new_tokens=16, do_sample=True, temperature=1.3,
                             top_k=0, num_return_sequences=2)
-    assert len(facts) == 4
-    _check_all_found(geo_trie, facts, min_facts=4)
+    assert len(facts) == 2
+    _check_all_found(geo_trie, facts, min_facts=2)
 
 
 @pytest.mark.slow
 def test_smollm2_beam_search(smollm2, geo_trie):
-    _, _, facts = _generate(smollm2, geo_trie, QUESTIONS[:2], max_new_tokens=32, num_beams=3, num_return_sequences=2,
+    _, _, facts = _generate(smollm2, geo_trie, QUESTIONS[:1], max_new_tokens=12, num_beams=3, num_return_sequences=2,
                             do_sample=False)
-    assert len(facts) == 4
-    _check_all_found(geo_trie, facts, min_facts=4)
+    assert len(facts) == 2
+    _check_all_found(geo_trie, facts, min_facts=2)
 
 
 @pytest.mark.slow
@@ -415,7 +419,7 @@ def test_smollm2_dead_end_every_fact_written(smollm2, tmp_path):
 
     model, tokenizer = smollm2
     trie = kcore.FactTrie.from_facts(["Japan capital Tokyo .", "Japan currency Yen ."], tokenizer, tmp_path / "two.ktrie", progress=False)
-    out, plen, facts = _generate(smollm2, trie, ["Write every fact you know about Japan."], max_new_tokens=48, do_sample=False)
+    out, plen, facts = _generate(smollm2, trie, ["Write every fact you know about Japan."], max_new_tokens=28, do_sample=False)
     written = [f.text for f in facts[0] if f.terminated]
     # after the last fact, a new "Fact:" can only be closed by the terminator
     assert "Fact:\n" in tokenizer.decode(out[0, plen:])
