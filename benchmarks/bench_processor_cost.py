@@ -13,9 +13,10 @@ Three greedy generations per batch size, each with one contender as the only log
 * ``kcore dedup``: the default ``avoid_duplicates=True``.
 
 Reported per step (median and mean over the decode steps):
-each processor's whole ``__call__``; for ``kcore`` also the time inside ``FactTrie.fill_bitmask``
-and ``apply_token_bitmask_`` ("fill + apply"); the model's step time (median time between two
-processor calls, i.e. forward pass + HF's own step work). Prefill is excluded.
+each processor's whole ``__call__``; for ``kcore`` also the time inside its one native call
+``kcore._C.fact_step`` ("native step": advance states + fill + terminator bits + apply); the
+model's step time (median time between two processor calls, i.e. forward pass + HF's own step
+work). Prefill is excluded.
 
 Usage: python benchmarks/bench_processor_cost.py [--batches 1,8,64] [--new-tokens 32]
 """
@@ -92,17 +93,6 @@ class Timer:
         return timed
 
 
-class TrieProxy:
-    """Forwards to the FactTrie, timing fill_bitmask."""
-
-    def __init__(self, trie, timer):
-        self._trie = trie
-        self.fill_bitmask = timer.wrap(trie.fill_bitmask)
-
-    def __getattr__(self, name):
-        return getattr(self._trie, name)
-
-
 class Timed:
     """The one logits processor given to generate(): times ``proc`` (first after the forward pass,
     its place in real generation), records the gap between calls (model step) and, untimed, the
@@ -146,7 +136,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    import kcore.ops.bitmask as bitmask_mod
     from transformers import LogitsProcessorList, PrefixConstrainedLogitsProcessor
 
     from kcore.cli.ask import cached_trie, prompt_text
@@ -166,9 +155,7 @@ def main(argv=None) -> int:
     trig = trigger_token_sequences(tok, "Fact:")
     countries = [t.subject for t in default_triples(cities=False) if t.relation == "capital"]
 
-    fill_apply = Timer()
-    real_apply = bitmask_mod.apply_token_bitmask_
-    bitmask_mod.apply_token_bitmask_ = fill_apply.wrap(real_apply)
+    fill_apply = Timer()  # time inside kcore's native step call
 
     print(f"# SmolLM2-135M-Instruct, CPU, torch threads {args.threads}, KB {trie.num_facts} facts, "
           f"{args.new_tokens} new tokens, greedy")
@@ -176,7 +163,7 @@ def main(argv=None) -> int:
           "fact ('fact'), and those with every row in free text ('free').")
     print()
     print("| batch | steps | n | rows in a fact | model step (ms) | HF prefix fn (us) | kcore (us) | "
-          "kcore fill+apply (us) | kcore dedup (us) | HF / kcore | kcore / model step |")
+          "kcore native step (us) | kcore dedup (us) | HF / kcore | kcore / model step |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for batch in [int(b) for b in args.batches.split(",")]:
         questions = [f"What is the capital of {countries[i % len(countries)]}?" for i in range(batch)]
@@ -197,12 +184,12 @@ def main(argv=None) -> int:
         out_hf = run(t_hf)
         assert t_hf.mismatches == 0, f"batch {batch}: kcore and HF masks differ in {t_hf.mismatches} row-steps"
         kc = FactLogitsProcessor(trie, tok, avoid_duplicates=False)
-        kc._tracker.trie = TrieProxy(trie, fill_apply)
+        kc._fact_step = fill_apply.wrap(kc._fact_step)
         t_kc = Timed(kc, fill_apply)
         out_kc = run(t_kc)
         assert torch.equal(out_hf, out_kc), "same constraint, same greedy tokens"
         kd = FactLogitsProcessor(trie, tok, avoid_duplicates=True)
-        kd._tracker.trie = TrieProxy(trie, fill_apply)
+        kd._fact_step = fill_apply.wrap(kd._fact_step)
         t_kd = Timed(kd, fill_apply)
         run(t_kd)
         model_ms = statistics.median(t_kc.gaps) / 1e6
@@ -218,7 +205,6 @@ def main(argv=None) -> int:
             print(f"| {batch} | {kind} | {len(sel)} | {cons:.1f} | {model_ms:.1f} | {med[0]:.0f} ({mean[0]:.0f}) | "
                   f"{med[1]:.0f} ({mean[1]:.0f}) | {med[2]:.0f} ({mean[2]:.0f}) | {med[3]:.0f} ({mean[3]:.0f}) | "
                   f"{med[0] / med[1]:.1f}x | {100 * med[1] / 1e3 / model_ms:.2f}% |", flush=True)
-    bitmask_mod.apply_token_bitmask_ = real_apply
     return 0
 
 

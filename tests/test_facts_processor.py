@@ -215,6 +215,72 @@ def test_non_contiguous_rows_and_strided_scores(tok, trie_and_seqs):
     assert torch.all(big[:, len(tok) + 5:] == 0), "columns outside the view untouched"
 
 
+class _TrieWithoutNativeHandle:
+    """A FactTrie seen through its public methods only: the processor falls back to separate
+    native calls (step, is_complete, fill_bitmask, apply) instead of the fused step."""
+
+    def __init__(self, trie):
+        self._trie = trie
+
+    def __getattr__(self, name):
+        if name == "_t":
+            raise AttributeError(name)
+        return getattr(self._trie, name)
+
+
+@pytest.mark.parametrize("avoid_duplicates", [True, False])
+def test_fused_and_separate_call_paths_agree_with_oracle(tok, trie_and_seqs, avoid_duplicates):
+    trie, seqs = trie_and_seqs
+    fused = FactLogitsProcessor(trie, tok, avoid_duplicates=avoid_duplicates)
+    separate = FactLogitsProcessor(_TrieWithoutNativeHandle(trie), tok, avoid_duplicates=avoid_duplicates)
+    assert fused._trie_handle is not None and separate._trie_handle is None
+
+    class Both:
+        """Runs both processors on the same inputs and checks they mask identically."""
+
+        avoid_duplicates = fused.avoid_duplicates
+        _tracker = fused._tracker
+
+        def __call__(self, input_ids, scores):
+            other = separate(input_ids, scores.clone())
+            out = fused(input_ids, scores)
+            assert torch.equal(out, other)
+            return out
+
+    prompts = [tok.encode("Fact:")] * 2 + [tok.encode("Hello Fact: Japan")] * 2
+    drive(Both(), _oracle(tok, seqs, fused), tok, prompts, steps=80, seed=11, beam_groups=2, trigger_rate=0.5)
+
+
+def test_fact_step_rejects_bad_arrays(tok, trie_and_seqs):
+    from kcore._native import native
+
+    trie, _ = trie_and_seqs
+    n, words = 2, (len(tok) + 31) // 32
+
+    def call(**over):
+        args = dict(trie=trie._t, rows=n, mode=np.ones(n, np.int8), state=np.full(n, trie.root_state, np.int64),
+                    step_token=np.full(n, -1, np.int64), written_offsets=None, written_ids=None, avoid_duplicates=True,
+                    terminator=np.array([tok.ids["\n"]], np.int64), bitmask=np.zeros((n, words), np.int32),
+                    first=np.zeros(n, np.int64), flags=np.zeros(n, np.uint8), constrained=np.zeros(n, np.int64),
+                    logits=0, dtype=0, vocab=len(tok), logits_row_stride=len(tok))
+        args.update(over)
+        return native().fact_step(**args)
+
+    assert call() == 2
+    with pytest.raises(InvalidInputError, match="state must have dtype"):
+        call(state=np.zeros(n, np.int32))
+    with pytest.raises(InvalidInputError, match="bitmask must have shape"):
+        call(bitmask=np.zeros((n + 1, words), np.int32))
+    with pytest.raises(InvalidInputError, match="terminator index"):
+        call(mode=np.full(n, 2, np.int8), state=np.full(n, 5, np.int64))
+    with pytest.raises(InvalidInputError, match="written_ids must be sorted"):
+        call(written_offsets=np.array([0, 2, 2], np.int64), written_ids=np.array([3, 1], np.int64))
+    with pytest.raises(InvalidInputError):
+        call(state=np.full(n, 1 << 40, np.int64))  # not a state of this trie
+    with pytest.raises(InvalidInputError, match="dtype must be"):
+        call(logits=1, dtype=7)
+
+
 def test_prefix_allowed_tokens_fn_matches_processor(tok, trie_and_seqs):
     trie, seqs = trie_and_seqs
     fn = prefix_allowed_tokens_fn(trie, tok)
@@ -274,6 +340,9 @@ def test_bad_inputs(tok, trie_and_seqs):
 
 
 # ---------------------------------------------------------------------------- real model (slow)
+# Kept short: the prompt's few-shot examples make it ~260 tokens, so each row's prefill costs more
+# than the decode steps; rows and new tokens are as few as the checks need (a fact line is about 8
+# tokens).
 
 QUESTIONS = ["What is the capital of Japan?", "Which languages are spoken in Switzerland?", "Kenya is a country in Africa. What is the capital of Kenya?"]
 
@@ -316,8 +385,9 @@ def _check_all_found(trie, facts, min_facts):
 @pytest.mark.slow
 def test_smollm2_greedy_batch_left_padding(smollm2, geo_trie):
     _, tokenizer = smollm2
-    out, plen, facts = _generate(smollm2, geo_trie, QUESTIONS, max_new_tokens=32, do_sample=False)
-    _check_all_found(geo_trie, facts, min_facts=3)
+    # Japan (257 prompt tokens) and Kenya (265): left padded.
+    out, plen, facts = _generate(smollm2, geo_trie, [QUESTIONS[0], QUESTIONS[2]], max_new_tokens=12, do_sample=False)
+    _check_all_found(geo_trie, facts, min_facts=2)
     texts = [f.text for row in facts for f in row]
     assert "Japan capital Tokyo ." in texts and "Kenya capital Nairobi ." in texts
     # the prompts differ in length: left padding was used
@@ -327,18 +397,18 @@ def test_smollm2_greedy_batch_left_padding(smollm2, geo_trie):
 @pytest.mark.slow
 def test_smollm2_sampling_num_return_sequences(smollm2, geo_trie):
     torch.manual_seed(0)
-    _, _, facts = _generate(smollm2, geo_trie, QUESTIONS[:2], max_new_tokens=32, do_sample=True, temperature=1.3,
+    _, _, facts = _generate(smollm2, geo_trie, QUESTIONS[1:2], max_new_tokens=16, do_sample=True, temperature=1.3,
                             top_k=0, num_return_sequences=2)
-    assert len(facts) == 4
-    _check_all_found(geo_trie, facts, min_facts=4)
+    assert len(facts) == 2
+    _check_all_found(geo_trie, facts, min_facts=2)
 
 
 @pytest.mark.slow
 def test_smollm2_beam_search(smollm2, geo_trie):
-    _, _, facts = _generate(smollm2, geo_trie, QUESTIONS[:2], max_new_tokens=32, num_beams=3, num_return_sequences=2,
+    _, _, facts = _generate(smollm2, geo_trie, QUESTIONS[:1], max_new_tokens=12, num_beams=3, num_return_sequences=2,
                             do_sample=False)
-    assert len(facts) == 4
-    _check_all_found(geo_trie, facts, min_facts=4)
+    assert len(facts) == 2
+    _check_all_found(geo_trie, facts, min_facts=2)
 
 
 @pytest.mark.slow
@@ -349,7 +419,7 @@ def test_smollm2_dead_end_every_fact_written(smollm2, tmp_path):
 
     model, tokenizer = smollm2
     trie = kcore.FactTrie.from_facts(["Japan capital Tokyo .", "Japan currency Yen ."], tokenizer, tmp_path / "two.ktrie", progress=False)
-    out, plen, facts = _generate(smollm2, trie, ["Write every fact you know about Japan."], max_new_tokens=48, do_sample=False)
+    out, plen, facts = _generate(smollm2, trie, ["Write every fact you know about Japan."], max_new_tokens=28, do_sample=False)
     written = [f.text for f in facts[0] if f.terminated]
     # after the last fact, a new "Fact:" can only be closed by the terminator
     assert "Fact:\n" in tokenizer.decode(out[0, plen:])

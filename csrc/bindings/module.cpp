@@ -29,6 +29,7 @@ PYBIND11_MODULE(_C, m) {
   });
   kcore::bindings::register_trie(m);
   kcore::bindings::register_bitmask(m);
+  kcore::bindings::register_facts(m);
   kcore::bindings::register_knn(m);
   kcore::bindings::register_memory_attention(m);
 }

@@ -5,6 +5,7 @@
 namespace kcore::bindings {
 void register_trie(pybind11::module_& m);
 void register_bitmask(pybind11::module_& m);
+void register_facts(pybind11::module_& m);
 void register_knn(pybind11::module_& m);
 void register_memory_attention(pybind11::module_& m);
 }  // namespace kcore::bindings

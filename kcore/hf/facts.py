@@ -14,9 +14,12 @@ What differs from ReFactX and from HF's ``PrefixConstrainedLogitsProcessor``:
   nodes of the same prompt by the row's last tokens, so greedy search, sampling, beam search and
   ``num_return_sequences`` all work on the unpatched transformers, at O(1) amortised work per row
   and step (the look-back is as long as the suffix two live beams share, typically 1 token).
-* **One batched native call per step** fills every constrained row's bitmask
-  (:meth:`FactTrie.fill_bitmask`) and one applies it (:func:`kcore.ops.apply_token_bitmask_`);
-  the Python work per row is dictionary bookkeeping.
+* **One native call per step** (``kcore._C.fact_step``, csrc/core/fact_step.cpp) advances the
+  trie states of every row that moved inside a fact, fills every constrained row's bitmask (with
+  duplicate avoidance), sets the terminator bits, applies the mask to CPU logits in place and
+  keeps rows finite; its inputs and outputs are numpy arrays preallocated per batch size. The
+  Python work per row is dictionary bookkeeping. (Logits on another device: the same call fills
+  the bitmask and :func:`kcore.ops.apply_token_bitmask_` applies it there.)
 """
 
 from __future__ import annotations
@@ -349,6 +352,16 @@ class FactLogitsProcessor(_LogitsProcessorBase):
         self.avoid_duplicates = avoid_duplicates
         self._tail = self._tracker.max_trigger_len + 2
         self._bitmask: Optional[np.ndarray] = None
+        # The fused native step needs the trie's native handle (any kcore.FactTrie has one); a
+        # trie-like object without it takes the path of separate calls.
+        from kcore._native import native
+
+        self._native = native()
+        handle = getattr(trie, "_t", None)
+        self._trie_handle = handle if isinstance(handle, self._native.Trie) else None
+        self._fact_step = self._native.fact_step
+        self._term = np.asarray(self._tracker.term, dtype=np.int64)
+        self._written_ids = np.zeros(64, dtype=np.int64)
         self.reset()
 
     def reset(self) -> None:
@@ -357,6 +370,7 @@ class FactLogitsProcessor(_LogitsProcessorBase):
         self._groups: List[int] = []
         self._index: Dict[Tuple[int, int], List[_Node]] = {}
         self._length = -1
+        self._sorted_written: Dict[frozenset, Tuple[int, ...]] = {}
 
     # Row bookkeeping ----------------------------------------------------------------------
     def _start(self, input_ids: torch.Tensor) -> None:
@@ -375,12 +389,13 @@ class FactLogitsProcessor(_LogitsProcessorBase):
             nodes.append(root_nodes[g])
         self._nodes = nodes
 
-    def _find_parent(self, i: int, row, input_ids: torch.Tensor) -> Optional[_Node]:
-        cands = self._index.get((self._groups[i], int(row[-2])))
+    def _find_parent(self, i: int, prev: int, rows, input_ids: torch.Tensor) -> Optional[_Node]:
+        cands = self._index.get((self._groups[i], prev))
         if not cands:
             return None
         if len(cands) == 1:
             return cands[0]
+        row = rows[i]
         # Several live sequences of this prompt end with the same token: look further back
         # until one is left (nodes are unique per sequence, so this ends before the roots).
         level = [(c, c) for c in cands]
@@ -397,23 +412,28 @@ class FactLogitsProcessor(_LogitsProcessorBase):
             k += 1
         return level[0][0] if level else None
 
-    def _advance(self, input_ids: torch.Tensor) -> None:
+    def _advance(self, input_ids: torch.Tensor) -> list:
+        """Move every row to its node; returns the new fact-mode nodes whose trie state is still
+        to advance by their token (their ``state`` is the parent's)."""
         tr = self._tracker
         # CPU: a zero-copy numpy view of the whole tensor (rows are read from the end only);
         # other devices: one transfer of the last few columns.
-        rows = input_ids.numpy() if input_ids.device.type == "cpu" else input_ids[:, -self._tail:].cpu().numpy()
+        # Each row's last two tokens as Python ints in one call; whole rows are read only when a
+        # new node is made or several candidate parents share the previous token (few calls
+        # per step: the processor runs right after the forward pass, with cold caches).
+        rows = input_ids.numpy() if input_ids.is_cpu else input_ids[:, -self._tail:].cpu().numpy()
         end = rows.shape[1]
         pending: list = []
         nodes = []
-        for i in range(rows.shape[0]):
-            row = rows[i]
-            parent = self._find_parent(i, row, input_ids)
+        for i, (prev, tok) in enumerate(rows[:, -2:].tolist()):
+            parent = self._find_parent(i, prev, rows, input_ids)
             if parent is None:  # not a continuation of a row we saw: rebuild it from its tokens
                 nodes.append(tr.scan(input_ids[i].detach().cpu().numpy()))
                 continue
-            nodes.append(tr.child(parent, int(row[-1]), row, end, pending))
-        tr.step_pending(pending)
+            node = parent.children.get(tok)
+            nodes.append(node if node is not None else tr.child(parent, tok, rows[i], end, pending))
         self._nodes = nodes
+        return pending
 
     def _reindex(self) -> None:
         index: Dict[Tuple[int, int], List[_Node]] = {}
@@ -425,32 +445,107 @@ class FactLogitsProcessor(_LogitsProcessorBase):
 
     # Call ---------------------------------------------------------------------------------
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if input_ids.dim() != 2 or scores.dim() != 2 or input_ids.shape[0] != scores.shape[0]:
+        ishape, sshape = input_ids.shape, scores.shape
+        if len(ishape) != 2 or len(sshape) != 2 or ishape[0] != sshape[0]:
             raise InvalidInputError(
                 f"input_ids (batch, seq_len) and scores (batch, vocab) must be 2-D with the same batch, "
-                f"got {tuple(input_ids.shape)} and {tuple(scores.shape)}"
+                f"got {tuple(ishape)} and {tuple(sshape)}"
             )
-        batch, length = input_ids.shape
-        vocab = scores.shape[1]
+        batch, length = ishape
+        vocab = sshape[1]
         if vocab < self._tracker.vocab_size:
             raise InvalidInputError(f"scores must have >= trie.vocab_size={self._tracker.vocab_size} columns, got {vocab}")
+        pending: list = []
         if batch != len(self._nodes) or length != self._length + 1 or length < 2:
             self._start(input_ids)
         else:
-            self._advance(input_ids)
+            pending = self._advance(input_ids)
         self._length = length
         self._reindex()
         nodes = self._nodes
-        constrained = [i for i, nd in enumerate(nodes) if nd.mode != _FREE]
-        if not constrained:
-            return scores
         words = (vocab + 31) // 32
         if self._bitmask is None or self._bitmask.shape != (batch, words):
-            self._bitmask = np.zeros((batch, words), dtype=np.int32)
-            self._bitmask_t = torch.from_numpy(self._bitmask)  # shares memory: filled in place
-        bitmask = self._tracker.describe(nodes, self._bitmask)
-        self._apply(scores, bitmask, self._bitmask_t, constrained)
+            self._allocate(batch, words)
+        if self._trie_handle is None:
+            self._tracker.step_pending(pending)
+            constrained = [i for i, nd in enumerate(nodes) if nd.mode != _FREE]
+            if constrained:
+                bitmask = self._tracker.describe(nodes, self._bitmask)
+                self._apply(scores, bitmask, self._bitmask_t, constrained)
+            return scores
+        self._fused_step(nodes, pending, scores)
         return scores
+
+    def _allocate(self, batch: int, words: int) -> None:
+        """The per-row arrays of the fused step, reused by every step at this batch size."""
+        self._bitmask = np.zeros((batch, words), dtype=np.int32)
+        self._bitmask_t = torch.from_numpy(self._bitmask)  # shares memory: filled in place
+        self._mode = np.zeros(batch, dtype=np.int8)
+        self._state = np.zeros(batch, dtype=np.int64)
+        self._step_token = np.full(batch, -1, dtype=np.int64)
+        self._first = np.zeros(batch, dtype=np.int64)
+        self._flags = np.zeros(batch, dtype=np.uint8)
+        self._constrained = np.zeros(batch, dtype=np.int64)
+        self._written_offsets = np.zeros(batch + 1, dtype=np.int64)
+
+    def _fused_step(self, nodes: List[_Node], pending: list, scores: torch.Tensor) -> None:
+        """One ``kcore._C.fact_step`` call for every row, then the nodes' outputs copied back."""
+        mode, state, step_token = self._mode, self._state, self._step_token
+        fresh = {id(nd) for nd in pending} if pending else ()
+        any_constrained = any_written = False
+        for i, nd in enumerate(nodes):
+            m = nd.mode
+            mode[i] = m
+            if m == _FREE:
+                continue
+            any_constrained = True
+            state[i] = nd.state
+            step_token[i] = nd.token if id(nd) in fresh else -1
+            if nd.written and m == _FACT:
+                any_written = True
+        if not any_constrained:
+            return
+        offsets = ids = None
+        if any_written and self.avoid_duplicates:
+            offsets, ids = self._written_csr(nodes)
+        dtype_code = _DTYPE_CODES.get(scores.dtype)
+        vocab = scores.shape[1]
+        strides = scores.stride()
+        fused_apply = scores.is_cpu and dtype_code is not None and (strides[1] == 1 or vocab == 1)
+        n = self._fact_step(
+            self._trie_handle, len(nodes), mode, state, step_token, offsets, ids, self.avoid_duplicates, self._term,
+            self._bitmask, self._first, self._flags, self._constrained,
+            scores.data_ptr() if fused_apply else 0, dtype_code or 0, vocab, strides[0],
+        )
+        states, firsts, flags = state.tolist(), self._first.tolist(), self._flags.tolist()
+        for i, nd in enumerate(nodes):
+            if nd.mode == _FACT:
+                if id(nd) in fresh:
+                    nd.state = states[i]
+                nd.first = firsts[i]
+                nd.term_ok = bool(flags[i] & 1)
+                nd.dead_end = bool(flags[i] & 2)
+        if not fused_apply:
+            self._apply(scores, self._bitmask, self._bitmask_t, self._constrained[:n].tolist())
+
+    def _written_csr(self, nodes: List[_Node]) -> Tuple[np.ndarray, np.ndarray]:
+        """The facts each fact-mode row wrote, as CSR in the preallocated buffers (sorted ids per
+        row; the sorted tuple of each ``written`` set is computed once)."""
+        offsets, ids = self._written_offsets, self._written_ids
+        pos = 0
+        for i, nd in enumerate(nodes):
+            if nd.written and nd.mode == _FACT:
+                key = self._sorted_written.get(nd.written)
+                if key is None:
+                    key = self._sorted_written[nd.written] = tuple(sorted(nd.written))
+                if pos + len(key) > len(ids):
+                    grown = np.zeros(max(2 * len(ids), pos + len(key)), dtype=np.int64)
+                    grown[:pos] = ids[:pos]
+                    ids = self._written_ids = grown
+                ids[pos:pos + len(key)] = key
+                pos += len(key)
+            offsets[i + 1] = pos
+        return offsets, ids
 
     def _apply(self, scores: torch.Tensor, bitmask: np.ndarray, mask: torch.Tensor, rows: List[int]) -> None:
         from kcore.ops.bitmask import apply_token_bitmask_
@@ -471,6 +566,9 @@ class FactLogitsProcessor(_LogitsProcessorBase):
             r = rows[b]
             allowed = torch.from_numpy(_unpack(bitmask[r], scores.shape[1])).to(scores.device)
             scores[r, allowed] = 0
+
+
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # codes of csrc/core/bitmask.h
 
 
 def _unpack(words: np.ndarray, vocab: int) -> np.ndarray:
