@@ -162,6 +162,10 @@ class KNNLMLogitsProcessor(_Base):
         queries = state[rows.to(state.device)].float().cpu()
         dists, ids = self.datastore.search(queries, self.k, **self.search_kwargs)
         tokens = self.datastore.neighbour_tokens(ids)
+        # softmax(-dist / T) is unchanged by a per-row shift; without it a small temperature
+        # overflows -dist / T to -inf for every neighbour and the mixture becomes NaN.
+        nearest = dists.min(dim=-1, keepdim=True).values
+        dists = dists - torch.where(torch.isfinite(nearest), nearest, torch.zeros_like(nearest))
         mixed = knn_interpolate(
             scores[rows].float().cpu(), dists, tokens, lmbda=self.lmbda, temperature=self.temperature
         ).to(scores.device)
