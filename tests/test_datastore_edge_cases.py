@@ -155,3 +155,36 @@ def test_generate_left_padding_beam_and_k_beyond_count(tiny, store):
     # lmbda = 1: only tokens present in the datastore can be chosen.
     assert set(out.sequences[:, -3:].flatten().tolist()) <= set(store.values.tolist())
     assert all(torch.isfinite(s).any(-1).all() for s in out.scores)
+
+
+def test_mlp_memory_flipped_weight_byte_is_detected(tmp_path):
+    from kcore.errors import FileFormatError
+    from kcore.memory import MLPMemory
+
+    mem = MLPMemory(8, 10, width=4, depth=1)
+    f = tmp_path / "m.safetensors"
+    mem.save(f)
+    back = MLPMemory.load(f)
+    assert all(torch.equal(a, b) for a, b in zip(mem.state_dict().values(), back.state_dict().values()))
+    data = bytearray(f.read_bytes())
+    data[-3] ^= 0x40  # inside the last tensor's bytes (the header is at the start)
+    f.write_bytes(bytes(data))
+    with pytest.raises(FileFormatError, match="checksum"):
+        MLPMemory.load(f)
+    f.write_bytes(b"")
+    with pytest.raises(FileFormatError, match="safetensors"):
+        MLPMemory.load(f)
+
+
+def test_knn_targets_tiny_temperature_is_one_hot_on_the_nearest(store):
+    from kcore.memory.mlp_memory import knn_targets
+
+    tokens, probs = knn_targets(store, k=4, temperature=1e-40)
+    assert torch.isfinite(probs).all()
+    torch.testing.assert_close(probs.sum(1), torch.ones(store.count))  # was all zeros
+    ref_tokens, ref_probs = knn_targets(store, k=4, temperature=1.0)
+    assert torch.equal(tokens, ref_tokens)
+    # The nearest (first) neighbour gets all the mass unless it ties with the second.
+    d, _ = store.search(store.keys[:50].float(), 5, exact=True)
+    untied = (d[:, 2] > d[:, 1])  # d[:, 0] is the entry itself
+    assert untied.any() and torch.all(probs[:50][untied, 0] == 1.0)
