@@ -188,3 +188,22 @@ def test_knn_targets_tiny_temperature_is_one_hot_on_the_nearest(store):
     d, _ = store.search(store.keys[:50].float(), 5, exact=True)
     untied = (d[:, 2] > d[:, 1])  # d[:, 0] is the entry itself
     assert untied.any() and torch.all(probs[:50][untied, 0] == 1.0)
+
+
+def test_train_mlp_memory_k_beyond_count_and_bad_arguments(tiny, tmp_path):
+    # k >= count pads the neighbours with -1; with vocab="datastore", token 0 (the clamped pad id)
+    # is no output of the MLP and the padding used to index output -1.
+    from kcore.memory import train_mlp_memory
+    from kcore.memory.mlp_memory import knn_targets
+
+    model, tok = tiny
+    ds = Datastore.build(model, tok, ["the cat sat on the mat"], tmp_path / "ds", progress=False)
+    assert 0 not in ds.values.tolist()
+    mem = train_mlp_memory(ds, k=ds.count + 5, epochs=1, width=8, depth=1, progress=False)
+    mem = mem[0] if isinstance(mem, tuple) else mem
+    assert all(torch.isfinite(p).all() for p in mem.parameters())
+    tokens, probs = knn_targets(ds, k=ds.count + 5, temperature=1.0)
+    assert (tokens[:, ds.count - 1 :] == -1).all() and (probs[:, ds.count - 1 :] == 0).all()
+    for bad in ({"batch_size": 0}, {"lr": float("nan")}, {"lr": 0.0}):
+        with pytest.raises(InvalidInputError, match=next(iter(bad))):
+            train_mlp_memory(ds, k=2, epochs=1, width=8, depth=1, progress=False, **bad)

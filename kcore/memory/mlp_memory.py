@@ -299,6 +299,10 @@ def train_mlp_memory(
         raise InvalidInputError(f"epochs must be an int >= 1, got {epochs!r}")
     if vocab not in ("datastore", "full"):
         raise InvalidInputError(f"vocab must be 'datastore' or 'full', got {vocab!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InvalidInputError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise InvalidInputError(f"lr must be a finite float > 0, got {lr!r}")
     torch.manual_seed(seed)
     if targets is None:
         targets = knn_targets(datastore, k=k, temperature=temperature, backend=backend, progress=progress)
@@ -325,7 +329,8 @@ def train_mlp_memory(
         tok = nb_tokens[rows].long()
         p = nb_probs[rows]
         # Dense p_knn over the outputs (repeated tokens add up); padding (-1) has weight 0.
-        dense = torch.zeros_like(logq).scatter_add_(1, local[tok.clamp_min(0)], p * (tok >= 0))
+        # Padding maps to output 0 with weight 0 (its clamped token id may be no output: local -1).
+        dense = torch.zeros_like(logq).scatter_add_(1, local[tok.clamp_min(0)].clamp_min(0), p * (tok >= 0))
         kl = (torch.xlogy(dense, dense) - dense * logq).sum(-1).mean()
         ce = -logq.gather(1, local[values[rows]][:, None]).mean()
         return alpha * kl + (1 - alpha) * ce, kl, ce
