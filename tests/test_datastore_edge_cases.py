@@ -207,3 +207,10 @@ def test_train_mlp_memory_k_beyond_count_and_bad_arguments(tiny, tmp_path):
     for bad in ({"batch_size": 0}, {"lr": float("nan")}, {"lr": 0.0}):
         with pytest.raises(InvalidInputError, match=next(iter(bad))):
             train_mlp_memory(ds, k=2, epochs=1, width=8, depth=1, progress=False, **bad)
+
+
+@pytest.mark.parametrize("kwargs", [{"metric": "ip"}, {"k": 3}, {"exct": True}])
+def test_knnlm_rejects_search_kwargs_that_change_the_method(tiny, store, kwargs):
+    model, _ = tiny
+    with pytest.raises(InvalidInputError, match="search_kwargs"):
+        KNNLMLogitsProcessor(model, store, k=4, search_kwargs=kwargs)
