@@ -214,3 +214,11 @@ def test_knnlm_rejects_search_kwargs_that_change_the_method(tiny, store, kwargs)
     model, _ = tiny
     with pytest.raises(InvalidInputError, match="search_kwargs"):
         KNNLMLogitsProcessor(model, store, k=4, search_kwargs=kwargs)
+
+
+@pytest.mark.parametrize("command", ["perplexity", "build-datastore"])
+def test_cli_missing_text_is_reported_before_the_model_loads(tmp_path, capsys, command):
+    extra = ["--out", str(tmp_path / "ds")] if command == "build-datastore" else []
+    rc = main([command, "--model", str(tmp_path / "no_model"), "--text", str(tmp_path / "none.txt"), *extra])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--text" in err and "no such file" in err and "Traceback" not in err

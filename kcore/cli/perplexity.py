@@ -76,6 +76,7 @@ def run(args) -> int:
         raise KcoreError(f"--temperature must be a finite number > 0, got {args.temperature}")
     if args.k < 1:
         raise KcoreError(f"--k must be >= 1, got {args.k}")
+    docs = read_documents(args.text, args.docs)  # before the model: a bad path fails fast
     model, tok = load_model_and_tokenizer(args.model)
     hidden = model.config.hidden_size
     vocab = model.get_output_embeddings().weight.shape[0]
@@ -84,7 +85,6 @@ def run(args) -> int:
     key = ds.key if ds is not None else (mem.config["key"] if mem is not None else "mlp_input")
     if ds is not None and mem is not None and mem.config["key"] != ds.key:
         raise KcoreError(f"the datastore uses key {ds.key!r}, the MLP Memory {mem.config['key']!r}")
-    docs = read_documents(args.text, args.docs)
     sums = {"base": 0.0, "knn": 0.0, "mlp": 0.0}
     n = 0
     for b in extract_key_states(model, tok, docs, key=key, batch_size=args.batch_size, max_length=args.max_length,
