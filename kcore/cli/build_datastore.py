@@ -48,8 +48,11 @@ def run(args) -> int:
     from kcore.memory import Datastore
     from kcore.models import load_model_and_tokenizer
 
-    model, tok = load_model_and_tokenizer(args.model)
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise KcoreError(f"--out {args.out!r} already exists; pass --overwrite to replace it")
     docs = read_documents(args.text, args.docs)
+    model, tok = load_model_and_tokenizer(args.model)
     ds = Datastore.build(model, tok, docs, args.out, batch_size=args.batch_size, max_length=args.max_length,
                          stride=args.stride, key=args.key, dtype=getattr(torch, args.dtype), overwrite=args.overwrite)
     if args.index:

@@ -29,7 +29,11 @@ def register(sub) -> None:
 def knn_target_logprob(dists: torch.Tensor, tokens: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
     """log p_kNN(target) per row: ``dists``/``tokens`` ``(n, k)`` from a search (l2, -1 padding),
     ``targets`` ``(n,)``; returns ``(n,)`` float32 (``-inf`` where no neighbour has the target)."""
-    logits = (-dists / temperature).masked_fill(tokens < 0, -math.inf)
+    # Shift by each row's nearest distance (softmax is shift-invariant): with a tiny temperature
+    # -dist / temperature would overflow to -inf for every neighbour and give NaN.
+    nearest = dists.min(dim=-1, keepdim=True).values
+    nearest = torch.where(torch.isfinite(nearest), nearest, torch.zeros_like(nearest))
+    logits = (-(dists - nearest) / temperature).masked_fill(tokens < 0, -math.inf)
     logw = torch.log_softmax(logits, dim=-1)
     hit = tokens == targets[:, None]
     return torch.logsumexp(logw.masked_fill(~hit, -math.inf), dim=-1)
@@ -68,6 +72,11 @@ def run(args) -> int:
 
     if not 0.0 <= args.lmbda <= 1.0:
         raise KcoreError(f"--lmbda must be in [0, 1], got {args.lmbda}")
+    if not (math.isfinite(args.temperature) and args.temperature > 0):
+        raise KcoreError(f"--temperature must be a finite number > 0, got {args.temperature}")
+    if args.k < 1:
+        raise KcoreError(f"--k must be >= 1, got {args.k}")
+    docs = read_documents(args.text, args.docs)  # before the model: a bad path fails fast
     model, tok = load_model_and_tokenizer(args.model)
     hidden = model.config.hidden_size
     vocab = model.get_output_embeddings().weight.shape[0]
@@ -76,7 +85,6 @@ def run(args) -> int:
     key = ds.key if ds is not None else (mem.config["key"] if mem is not None else "mlp_input")
     if ds is not None and mem is not None and mem.config["key"] != ds.key:
         raise KcoreError(f"the datastore uses key {ds.key!r}, the MLP Memory {mem.config['key']!r}")
-    docs = read_documents(args.text, args.docs)
     sums = {"base": 0.0, "knn": 0.0, "mlp": 0.0}
     n = 0
     for b in extract_key_states(model, tok, docs, key=key, batch_size=args.batch_size, max_length=args.max_length,

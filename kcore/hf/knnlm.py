@@ -102,8 +102,8 @@ class KNNLMLogitsProcessor(_Base):
         lmbda: weight of the kNN distribution in [0, 1].
         temperature: softmax temperature of the negative squared distances (> 0).
         adaptive_entropy: entropy threshold in nats (>= 0) or None (always search).
-        search_kwargs: extra arguments of :meth:`Datastore.search` (``exact``, ``nprobe``,
-            ``rerank``, ``backend``).
+        search_kwargs: extra arguments of :meth:`Datastore.search`, only ``exact``, ``nprobe``,
+            ``rerank`` and ``backend`` (the metric is squared L2, ``k`` is the argument above).
 
     Raises:
         InvalidInputError: bad arguments, or a datastore whose dimension / vocabulary differs from
@@ -131,6 +131,13 @@ class KNNLMLogitsProcessor(_Base):
         self.k, self.lmbda, self.temperature = k, _check_lmbda(lmbda), float(temperature)
         self.adaptive_entropy = None if adaptive_entropy is None else float(adaptive_entropy)
         self.search_kwargs = dict(search_kwargs or {})
+        # kNN-LM's p_knn = softmax(-dist / T) needs squared L2 distances: an "ip" metric would
+        # weight the farthest neighbours most.
+        unknown = set(self.search_kwargs) - {"exact", "nprobe", "rerank", "backend"}
+        if unknown:
+            raise InvalidInputError(
+                f"search_kwargs may hold exact, nprobe, rerank and backend, got {sorted(unknown)}"
+            )
         self._hook = _LastPositionHook(model, datastore.key)
         self.reset_stats()
 
@@ -162,6 +169,10 @@ class KNNLMLogitsProcessor(_Base):
         queries = state[rows.to(state.device)].float().cpu()
         dists, ids = self.datastore.search(queries, self.k, **self.search_kwargs)
         tokens = self.datastore.neighbour_tokens(ids)
+        # softmax(-dist / T) is unchanged by a per-row shift; without it a small temperature
+        # overflows -dist / T to -inf for every neighbour and the mixture becomes NaN.
+        nearest = dists.min(dim=-1, keepdim=True).values
+        dists = dists - torch.where(torch.isfinite(nearest), nearest, torch.zeros_like(nearest))
         mixed = knn_interpolate(
             scores[rows].float().cpu(), dists, tokens, lmbda=self.lmbda, temperature=self.temperature
         ).to(scores.device)

@@ -418,8 +418,11 @@ class Datastore:
             raise InvalidInputError("texts yield no position: every text is shorter than two tokens")
         vocab_size = _vocab_size(model)
         dim = None
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp", dir=path.parent))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp", dir=path.parent))
+        except OSError as e:
+            raise InvalidInputError(f"path {str(path)!r}: cannot create a folder there ({e.strerror or e})") from None
         try:
             keys = values = None
             for batch in extract_key_states(
@@ -431,12 +434,16 @@ class Datastore:
                     keys = np.memmap(tmp / "keys.bin", dtype=_KEY_DTYPES[dtype_name], mode="w+", shape=(count, dim))
                     values = np.memmap(tmp / "values.bin", dtype=np.int32, mode="w+", shape=(count,))
                 rows = batch.rows.numpy()
-                keys[rows] = batch.keys.numpy().astype(_KEY_DTYPES[dtype_name])
+                with np.errstate(over="ignore"):  # an overflow to inf is reported just below
+                    batch_keys = batch.keys.numpy().astype(_KEY_DTYPES[dtype_name])
+                # Every batch: an fp16 overflow anywhere would poison every search near it.
+                if not np.isfinite(batch_keys).all():
+                    raise InvalidInputError(
+                        f"the model produced non-finite key states (in dtype {dtype_name}); "
+                        + ("use dtype=torch.float32" if dtype_name == "float16" else "check the model")
+                    )
+                keys[rows] = batch_keys
                 values[rows] = batch.targets.numpy().astype(np.int32)
-            if not np.isfinite(np.asarray(keys[: min(count, 4096)], dtype=np.float32)).all():
-                raise InvalidInputError(
-                    f"the model produced non-finite key states (dtype {dtype_name}): use dtype=torch.float32"
-                )
             keys.flush()
             values.flush()
             del keys, values

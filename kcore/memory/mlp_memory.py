@@ -14,6 +14,7 @@ largest part of the cost, shrinks from the full vocabulary to those tokens.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -122,7 +123,8 @@ class MLPMemory(nn.Module):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {name: t.detach().cpu().contiguous() for name, t in self.state_dict().items()}
-        meta = {"format": FORMAT_NAME, "version": str(FORMAT_VERSION), "config": json.dumps(self.config)}
+        meta = {"format": FORMAT_NAME, "version": str(FORMAT_VERSION), "config": json.dumps(self.config),
+                "sha256": _tensors_sha256(tensors)}
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         os.close(fd)
         try:
@@ -138,8 +140,9 @@ class MLPMemory(nn.Module):
         """Read a file written by :meth:`save`, validated.
 
         Raises:
-            FileFormatError: not a kcore MLP Memory file, unknown version, or tensors that do not
-                match the stored config.
+            FileFormatError: not a kcore MLP Memory file, unknown version, tensor bytes that do not
+                match the SHA-256 stored by :meth:`save` (files written before the checksum was
+                stored are read without it), or tensors that do not match the stored config.
             InvalidInputError: ``hidden_size`` differs from the stored input dimension.
             TokenizerMismatchError: ``vocab_size`` or the tokenizer's fingerprint differs.
         """
@@ -155,6 +158,9 @@ class MLPMemory(nn.Module):
             raise FileFormatError(f"{str(path)!r}: not a readable safetensors file ({e})") from None
         if meta.get("format") != FORMAT_NAME:
             raise FileFormatError(f"{str(path)!r}: not a kcore MLP Memory file (format {meta.get('format')!r})")
+        # safetensors checks the header, not the bytes: a flipped weight would load silently.
+        if "sha256" in meta and meta["sha256"] != _tensors_sha256(tensors):
+            raise FileFormatError(f"{str(path)!r}: tensor data checksum mismatch (corrupted)")
         if meta.get("version") != str(FORMAT_VERSION):
             raise FileFormatError(f"{str(path)!r}: format version {meta.get('version')!r}, this kcore reads {FORMAT_VERSION}")
         try:
@@ -176,6 +182,15 @@ class MLPMemory(nn.Module):
                 raise TokenizerMismatchError(f"MLP Memory {str(path)!r} was trained for another tokenizer")
         model.eval()
         return model
+
+
+def _tensors_sha256(tensors: dict) -> str:
+    """SHA-256 over the tensors' names and raw bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode("utf-8"))
+        h.update(tensors[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -208,7 +223,10 @@ def knn_targets(datastore, *, k: int, temperature: float, batch_size: int = 256,
         keep = torch.ones_like(ids, dtype=torch.bool)
         keep[torch.arange(len(rows)), drop] = False
         ids, dists = ids[keep].view(len(rows), k), dists[keep].view(len(rows), k)
-        logits = -dists / temperature
+        # Shifted by the nearest distance (softmax is shift-invariant): a tiny temperature would
+        # otherwise turn every -dist / temperature into -inf and the target into zeros.
+        nearest = dists.min(dim=1, keepdim=True).values
+        logits = -(dists - torch.where(torch.isfinite(nearest), nearest, torch.zeros_like(nearest))) / temperature
         p = torch.softmax(logits.masked_fill(ids < 0, -math.inf), dim=-1)
         tokens[rows] = datastore.neighbour_tokens(ids).to(torch.int32)
         probs[rows] = torch.nan_to_num(p, nan=0.0)
@@ -281,6 +299,10 @@ def train_mlp_memory(
         raise InvalidInputError(f"epochs must be an int >= 1, got {epochs!r}")
     if vocab not in ("datastore", "full"):
         raise InvalidInputError(f"vocab must be 'datastore' or 'full', got {vocab!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InvalidInputError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise InvalidInputError(f"lr must be a finite float > 0, got {lr!r}")
     torch.manual_seed(seed)
     if targets is None:
         targets = knn_targets(datastore, k=k, temperature=temperature, backend=backend, progress=progress)
@@ -307,7 +329,8 @@ def train_mlp_memory(
         tok = nb_tokens[rows].long()
         p = nb_probs[rows]
         # Dense p_knn over the outputs (repeated tokens add up); padding (-1) has weight 0.
-        dense = torch.zeros_like(logq).scatter_add_(1, local[tok.clamp_min(0)], p * (tok >= 0))
+        # Padding maps to output 0 with weight 0 (its clamped token id may be no output: local -1).
+        dense = torch.zeros_like(logq).scatter_add_(1, local[tok.clamp_min(0)].clamp_min(0), p * (tok >= 0))
         kl = (torch.xlogy(dense, dense) - dense * logq).sum(-1).mean()
         ce = -logq.gather(1, local[values[rows]][:, None]).mean()
         return alpha * kl + (1 - alpha) * ce, kl, ce

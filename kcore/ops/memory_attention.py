@@ -82,17 +82,25 @@ def memory_attention(
         tensors on the query's device. With ``mem_len == 0``: zeros, ``-inf`` and an empty last
         dim.
 
+        With an empty query (batch or q_len 0): empty results of those shapes.
+
     Raises:
-        InvalidInputError: wrong rank, dtype, device, head counts or sizes, or ``topk < 1``.
+        InvalidInputError: wrong rank, dtype, device, head counts or sizes, ``topk < 1``,
+            ``head_dim == 0``, NaN/inf in ``query`` or in the int8 row scales, or NaN/inf in
+            ``mem_keys`` when ``mem_keys_normed`` is not given (a given ``mem_keys_normed`` and
+            its keys are trusted to be finite: checking them would cost a pass over the memory).
         BackendUnavailableError: the requested backend cannot run here.
     """
     scale = _check_inputs(query, mem_keys, mem_values, mem_keys_normed, topk, scale, similarity_threshold)
     _check_scales(mem_keys, mem_key_scales, mem_value_scales)
     name = resolve_backend(backend, query.device, supported=_SUPPORTED)
-    if mem_keys.shape[1] == 0:
-        return _empty_result(query)
+    if mem_keys.shape[1] == 0 or query.numel() == 0:
+        return _empty_result(query, min(topk, mem_keys.shape[1]))
     if mem_keys_normed is None:
         mem_keys_normed = normalize_keys(mem_keys)
+        # A NaN/inf key would silently win or lose every selection (backends disagree on which).
+        if not bool(torch.isfinite(mem_keys_normed).all()):
+            raise InvalidInputError("mem_keys must be finite, got NaN or inf")
     args = (query, mem_keys, mem_values, mem_keys_normed, topk, scale, similarity_threshold)
     if name == "cpu":
         from kcore.ops import _memory_attention_cpu
@@ -133,18 +141,24 @@ def merge_attention_states(
         ``(out, lse)``: new tensors, ``out`` in ``out_a``'s dtype, ``lse`` float32.
 
     Raises:
-        InvalidInputError: mismatched shapes or devices.
+        InvalidInputError: mismatched shapes or devices, or an ``lse`` holding NaN or ``+inf``.
     """
     check_tensor("out_a", out_a, dtypes=_FLOAT_DTYPES)
     check_tensor("out_b", out_b, dtypes=_FLOAT_DTYPES, device=out_a.device)
     check_tensor("lse_a", lse_a, dtypes=_FLOAT_DTYPES, device=out_a.device)
     check_tensor("lse_b", lse_b, dtypes=_FLOAT_DTYPES, device=out_a.device)
+    if out_a.dim() < 1:
+        raise InvalidInputError(f"out_a must have a head_dim axis (*batch_dims, head_dim), got shape {tuple(out_a.shape)}")
     if out_a.shape != out_b.shape:
         raise InvalidInputError(f"out_b must have out_a's shape {tuple(out_a.shape)}, got {tuple(out_b.shape)}")
     for name, lse in (("lse_a", lse_a), ("lse_b", lse_b)):
         if lse.shape != out_a.shape[:-1]:
             raise InvalidInputError(f"{name} must have shape {tuple(out_a.shape[:-1])}, got {tuple(lse.shape)}")
     la, lb = lse_a.float(), lse_b.float()
+    for name, lse in (("lse_a", la), ("lse_b", lb)):
+        # -inf means "no keys"; NaN or +inf is no log-sum-exp and would turn the result into NaN.
+        if bool((torch.isnan(lse) | (lse == math.inf)).any()):
+            raise InvalidInputError(f"{name} must be finite or -inf, got NaN or +inf")
     m = torch.maximum(la, lb)
     # Where both sides are empty, m = -inf; shifting by 0 keeps exp() at 0 instead of NaN.
     m_safe = torch.where(torch.isinf(m) & (m < 0), torch.zeros_like(m), m)
@@ -239,17 +253,25 @@ def _check_inputs(query, mem_keys, mem_values, mem_keys_normed, topk, scale, sim
     hkv = mem_keys.shape[0]
     if hkv < 1 or hq % hkv != 0:
         raise InvalidInputError(f"num_q_heads ({hq}) must be a multiple of mem_keys' num_kv_heads ({hkv})")
+    if d < 1:
+        raise InvalidInputError(f"head_dim must be >= 1, got query shape {tuple(query.shape)}")
     if mem_keys.shape[2] != d:
         raise InvalidInputError(f"mem_keys' head_dim must equal query's ({d}), got {mem_keys.shape[2]}")
     if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
         raise InvalidInputError(f"topk must be an int >= 1, got {topk!r}")
     if scale is None:
         scale = 1.0 / math.sqrt(d)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise InvalidInputError(f"scale must be a finite positive number, got {scale!r}")
     scale = float(scale)
     if not (math.isfinite(scale) and scale > 0):
         raise InvalidInputError(f"scale must be a finite positive number, got {scale}")
     if similarity_threshold is not None and not (-1.0 <= float(similarity_threshold) <= 1.0):
         raise InvalidInputError(f"similarity_threshold must be in [-1, 1], got {similarity_threshold}")
+    # The queries are small next to the memory: checking them is cheap, and a NaN query would
+    # otherwise give NaN (torch) or an arbitrary selection (cpu).
+    if not bool(torch.isfinite(query).all()):
+        raise InvalidInputError("query must be finite, got NaN or inf")
     return scale
 
 
@@ -265,13 +287,15 @@ def _check_scales(mem_keys, key_scales, value_scales) -> None:
         check_tensor(name, t, ndim=2, dtypes=_FLOAT_DTYPES, device=mem_keys.device, dims="(num_kv_heads, mem_len)")
         if tuple(t.shape) != want:
             raise InvalidInputError(f"{name} must have shape {want}, got {tuple(t.shape)}")
+        if not bool(torch.isfinite(t).all()):
+            raise InvalidInputError(f"{name} must be finite, got NaN or inf")
 
 
-def _empty_result(query: torch.Tensor):
+def _empty_result(query: torch.Tensor, k_eff: int = 0):
     b, h, lq, _ = query.shape
     out = torch.zeros_like(query, memory_format=torch.contiguous_format)
     lse = torch.full((b, h, lq), -math.inf, dtype=torch.float32, device=query.device)
-    idx = torch.empty((b, h, lq, 0), dtype=torch.int64, device=query.device)
+    idx = torch.full((b, h, lq, k_eff), -1, dtype=torch.int64, device=query.device)
     return out, lse, idx
 
 
@@ -337,3 +361,21 @@ def _memory_attention_torch(
     v_sel = _gather_rows(mem_values, idx.clamp_min(0), g, compute_dtype, value_scales)
     out = (p.unsqueeze(-1) * v_sel).sum(-2)
     return out.to(query.dtype), lse, idx
+
+
+import sys as _sys  # noqa: E402
+import types as _types  # noqa: E402
+
+
+class _CallableOpModule(_types.ModuleType):
+    """``kcore.ops`` exposes the function ``memory_attention`` lazily, but importing this module
+    (of the same name) sets ``kcore.ops.memory_attention`` to the module, so
+    ``from kcore.ops import memory_attention`` would give the module. Calling the module runs
+    the function, so both spellings work."""
+
+    def __call__(self, *args, **kwargs):
+        return memory_attention(*args, **kwargs)
+
+
+
+_sys.modules[__name__].__class__ = _CallableOpModule
