@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kcore.errors import InvalidInputError
-from kcore.ops.memory_attention import memory_attention, merge_attention_states
+from kcore.ops.memory_attn import memory_attention, merge_attention_states
 
 BACKENDS = ["cpu", "torch"]
 
@@ -21,10 +21,11 @@ def _inputs(b=2, hq=4, lq=3, hkv=2, m=10, d=16, seed=0):
 
 
 def test_package_level_name_is_callable():
-    # `from kcore.ops import memory_attention` gave the submodule (same name), not the op.
+    # `from kcore.ops import memory_attention` must give the op, not a submodule of that name.
     from kcore.ops import memory_attention as op
 
     q, k, v = _inputs()
+    assert op is memory_attention
     out, lse, idx = op(q, k, v, topk=3, backend="torch")
     ref = memory_attention(q, k, v, topk=3, backend="torch")
     torch.testing.assert_close(out, ref[0], rtol=0, atol=0)

@@ -13,7 +13,7 @@ import torch
 
 from kcore.errors import BackendUnavailableError, InvalidInputError
 from kcore.ops._dispatch import triton_usable
-from kcore.ops.memory_attention import (
+from kcore.ops.memory_attn import (
     _memory_attention_torch,
     memory_attention,
     memory_attention_joint_reference,

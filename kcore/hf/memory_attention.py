@@ -192,9 +192,7 @@ class MemoryAttentionHandle:
         ``(batch, 1, q_len, >= kv_len)`` bool (True = attend) or additive float. Returns
         ``(out (batch, q_len, num_q_heads, head_dim), None)``. Inference only (no dropout).
         """
-        # From the module itself: importing it binds the name kcore.ops.memory_attention to the
-        # submodule, which would shadow the lazily exported function of the same name.
-        from kcore.ops.memory_attention import memory_attention, merge_attention_states
+        from kcore.ops.memory_attn import memory_attention, merge_attention_states
 
         layer = int(module.layer_idx)
         scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5

@@ -16,8 +16,8 @@ _LAZY = {
     "bitmask_to_bool": "kcore.ops.bitmask",
     "knn_search": "kcore.ops.knn",
     "knn_interpolate": "kcore.ops.knn",
-    "memory_attention": "kcore.ops.memory_attention",
-    "merge_attention_states": "kcore.ops.memory_attention",
+    "memory_attention": "kcore.ops.memory_attn",
+    "merge_attention_states": "kcore.ops.memory_attn",
 }
 
 __all__ = list(_LAZY)

@@ -361,21 +361,3 @@ def _memory_attention_torch(
     v_sel = _gather_rows(mem_values, idx.clamp_min(0), g, compute_dtype, value_scales)
     out = (p.unsqueeze(-1) * v_sel).sum(-2)
     return out.to(query.dtype), lse, idx
-
-
-import sys as _sys  # noqa: E402
-import types as _types  # noqa: E402
-
-
-class _CallableOpModule(_types.ModuleType):
-    """``kcore.ops`` exposes the function ``memory_attention`` lazily, but importing this module
-    (of the same name) sets ``kcore.ops.memory_attention`` to the module, so
-    ``from kcore.ops import memory_attention`` would give the module. Calling the module runs
-    the function, so both spellings work."""
-
-    def __call__(self, *args, **kwargs):
-        return memory_attention(*args, **kwargs)
-
-
-
-_sys.modules[__name__].__class__ = _CallableOpModule
