@@ -142,3 +142,17 @@ def test_concurrent_calls_from_threads_agree_with_reference():
     for t in threads:
         t.join()
     assert errors == []
+
+
+@pytest.mark.parametrize("temperature", [1e-30, 1e-20, 1e-6])
+def test_interpolate_tiny_temperature_cpu_matches_reference(temperature):
+    # Scores of -dist / T near 1e30: the exact path must add log(lmbda) after making scores
+    # relative to their max, or rounding returns log-probs above 0 (found by review).
+    torch.manual_seed(0)
+    logits = torch.randn(2, 50)
+    dists = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    values = torch.tensor([[1, 2, 1], [4, 5, -1]])
+    ref = knn_interpolate(logits, dists, values, lmbda=0.5, temperature=temperature, backend="torch")
+    got = knn_interpolate(logits, dists, values, lmbda=0.5, temperature=temperature, backend="cpu")
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+    assert float(got.max()) <= 0.0

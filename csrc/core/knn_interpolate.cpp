@@ -105,7 +105,9 @@ void mix_knn_exact(RowScratch& w, int64_t n, float log_lmbda, float* out) {
   }
   double ssum = 0.0;
   for (auto& p : nb) ssum += std::exp(p.second - smax);
-  const double c = log_lmbda - (smax + std::log(ssum));
+  // Scores are relative to smax before anything is added: with huge scores (tiny temperature)
+  // gmax + (log_lmbda - smax) would lose log_lmbda to rounding.
+  const double c = log_lmbda - std::log(ssum);
   std::sort(nb.begin(), nb.end());  // by token, then score ascending: the group max is last
   for (size_t a = 0; a < nb.size();) {
     size_t b = a;
@@ -114,7 +116,7 @@ void mix_knn_exact(RowScratch& w, int64_t n, float log_lmbda, float* out) {
     double gsum = 0.0;
     for (size_t j = a; j < b; ++j) gsum += std::exp(nb[j].second - gmax);
     float& o = out[nb[a].first];
-    o = static_cast<float>(log_add_exp(static_cast<double>(o), gmax + std::log(gsum) + c));
+    o = static_cast<float>(log_add_exp(static_cast<double>(o), (gmax - smax) + std::log(gsum) + c));
     a = b;
   }
 }
