@@ -4,7 +4,10 @@ A memory document states invented facts (invented countries with invented capita
 no prior about them, and SmolLM2-135M does not override a real country's known capital even with
 the document in its prompt); the model is then
 asked for each capital (chat template, answer prefilled with "The capital of X is") and an answer
-counts when the invented capital appears in the first generated tokens. Conditions:
+counts when the whole invented capital appears, as a word, in the first 12 generated tokens. The
+document has one fact per line; the invented names are deterministic, at most 3 tokens, and no two
+names share their first token (names that do are confused even with the document in the prompt).
+Conditions:
 
 * no memory (the model's prior; invented names, so about 0);
 * kcore memory attention over a bank of the document (topk chosen on the dev half, then scored
@@ -25,6 +28,7 @@ import importlib.metadata
 import json
 import os
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -37,28 +41,40 @@ from kcore.attention import MemoryBank  # noqa: E402
 from kcore.hf import enable_memory_attention  # noqa: E402
 from kcore.models import load_model_and_tokenizer  # noqa: E402
 
-ONSETS = ["Br", "Qu", "V", "Z", "Th", "K", "Dr", "M", "L", "S", "Gr", "P", "T", "N", "F", "H"]
+ONSETS = ["Br", "Qu", "V", "Z", "Th", "K", "Dr", "M", "L", "S", "Gr", "P", "T", "N", "F", "H",
+          "B", "C", "D", "G", "R", "W", "J", "St", "Bl", "Cr", "Pl", "Tr", "Sh", "Ch", "Y", "Fl"]
 VOWELS = ["a", "e", "i", "o", "u", "ae", "ei", "ou"]
 CODAS = ["nd", "rth", "lm", "x", "ss", "rn", "v", "nt", "sk", "ll"]
 ENDINGS = ["holm", "ora", "ville", "grad", "ium", "ton", "mere", "dor", "is", "ant"]
 
 
-def invented_countries(n: int, seed: int = 1):
+def _invented_names(n, tok, seed, suffixes, taken=()):
+    """``n`` invented names, deterministic for a seed (a list, never a set: set order follows the
+    per-process string hash seed, which made the facts differ from run to run). Each name is at
+    most 3 tokens after a space and starts with a token no other chosen name (nor ``taken``) starts
+    with: SmolLM2-135M cannot copy long fragmented names, and names sharing their first token are
+    confused with each other even with the document in the prompt, which would measure the
+    tokenizer rather than recall."""
     rng = random.Random(seed)
-    names = []
-    while len(names) < n:
-        name = rng.choice(ONSETS) + rng.choice(VOWELS) + rng.choice(CODAS) + rng.choice(["ia", "land", "istan", "ovia", "ar"])
-        if name not in names:
-            names.append(name)
-    return names
+    names, firsts = [], {tok.tokenize(" " + t)[0] for t in taken}
+    for _ in range(100000):
+        if len(names) == n:
+            return names
+        name = rng.choice(ONSETS) + rng.choice(VOWELS) + rng.choice(CODAS) + rng.choice(suffixes)
+        pieces = tok.tokenize(" " + name)
+        if name in names or len(pieces) > 3 or pieces[0] in firsts:
+            continue
+        names.append(name)
+        firsts.add(pieces[0])
+    raise SystemExit(f"could not invent {n} distinct names; use fewer --facts")
 
 
-def invented_capitals(n: int, seed: int = 7):
-    rng = random.Random(seed)
-    names = set()
-    while len(names) < n:
-        names.add(rng.choice(ONSETS) + rng.choice(VOWELS) + rng.choice(CODAS) + rng.choice(ENDINGS))
-    return sorted(names, key=lambda _: rng.random())
+def invented_countries(n, tok, seed=1):
+    return _invented_names(n, tok, seed, ["ia", "land", "istan", "ovia", "ar"])
+
+
+def invented_capitals(n, tok, countries, seed=7):
+    return _invented_names(n, tok, seed, ENDINGS, taken=countries)
 
 
 def distractor_text() -> str:
@@ -74,7 +90,7 @@ def fact_sentence(country, capital):
     return f"The capital of {country} is {capital}."
 
 
-def ask(model, tok, country, *, context=None, max_new_tokens=6):
+def ask(model, tok, country, *, context=None, max_new_tokens=12):
     question = f"What is the capital of {country}?"
     content = question if context is None else f"{context}\n\n{question}"
     msgs = [{"role": "user", "content": content}]
@@ -89,7 +105,8 @@ def ask(model, tok, country, *, context=None, max_new_tokens=6):
 def accuracy(model, tok, facts, **kw):
     hits = 0
     for country, capital in facts:
-        hits += capital.lower() in ask(model, tok, country, **kw).lower()
+        # Whole name, case-insensitive, as a word (12 new tokens leave room for a 3-token name).
+        hits += re.search(rf"\b{re.escape(capital)}\b", ask(model, tok, country, **kw), re.I) is not None
     return hits / len(facts)
 
 
@@ -124,17 +141,19 @@ def main() -> int:
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--stride", type=int, default=256)
     p.add_argument("--bank-cache", default="", help="folder to keep the built banks in")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--out", default="", help="also write the results as JSON here")
     p.add_argument("--only-buried", type=int, default=0, metavar="TOPK",
                    help="skip the facts-only part; run the buried part with this topk")
     args = p.parse_args()
 
     torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
     model, tok = load_model_and_tokenizer()
-    capitals = invented_capitals(args.facts)
-    facts = list(zip(invented_countries(args.facts), capitals))
+    countries = invented_countries(args.facts, tok)
+    facts = list(zip(countries, invented_capitals(args.facts, tok, countries)))
     dev, test = facts[0::2], facts[1::2]
-    doc = " ".join(fact_sentence(c, k) for c, k in facts)
+    doc = "\n".join(fact_sentence(c, k) for c, k in facts)
     topks = [int(x) for x in args.topks.split(",")]
     results = {"facts": len(facts), "dev": len(dev), "test": len(test), "window": args.window, "stride": args.stride}
 
@@ -168,7 +187,9 @@ def main() -> int:
     print(json.dumps(results), file=sys.stderr)
 
     if args.distractor_tokens > 0:
-        lines = [l.strip() for l in distractor_text().splitlines() if l.strip()]
+        # Sentences of the news items (not whole items: a few thousand tokens hold fewer items
+        # than there are facts to place between them).
+        lines = [x.strip() + "." for l in distractor_text().splitlines() for x in l.split(". ") if x.strip()]
         # Take whole news items until about distractor_tokens tokens, then put one fact after
         # evenly spaced items (shuffled order), so the facts are scattered through the text.
         chosen, n_tok = [], 0
@@ -194,6 +215,9 @@ def main() -> int:
         t0 = time.perf_counter()
         results["buried_memory"] = with_memory(model, tok, bank_b, test, best)
         results["buried_seconds"] = time.perf_counter() - t0
+        # The document in the prompt, when it fits the context (with room for the question).
+        if len(tok(buried, add_special_tokens=False).input_ids) + 64 <= model.config.max_position_embeddings:
+            results["buried_in_prompt"] = accuracy(model, tok, test, context=buried)
         print(json.dumps(results), file=sys.stderr)
 
     print("| memory | condition | test accuracy |")
@@ -207,7 +231,8 @@ def main() -> int:
     if args.distractor_tokens > 0:
         # Without memory the questions are the same as above: the no-memory accuracy carries over.
         print(f"| facts in {results['buried_mem_tokens']} tokens of news | kcore memory attention, topk={best} | {results['buried_memory']:.2f} |")
-        print("| | document in the prompt | n/a (exceeds SmolLM2's 8k context) |")
+        in_prompt = results.get("buried_in_prompt")
+        print(f"| | document in the prompt | {'n/a (exceeds the context)' if in_prompt is None else f'{in_prompt:.2f}'} |")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
     return 0
