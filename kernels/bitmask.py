@@ -55,7 +55,7 @@ def apply_token_bitmask_triton(logits: torch.Tensor, bitmask: torch.Tensor, indi
     _apply_token_bitmask_kernel[grid](
         logits,
         bitmask,
-        indices if indices is not None else bitmask,  # placeholder pointer, never read
+        indices if indices is not None else bitmask,  # any valid pointer: not read when HAS_INDICES is False
         vocab,
         logits.stride(0),
         bitmask.stride(0),
