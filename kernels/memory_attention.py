@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kcore.ops.memory_attn import group_queries_by_kv_head, ungroup_by_kv_head
+
 
 @triton.jit
 def _select_kernel(
@@ -183,7 +185,7 @@ def memory_attention_triton(
     nq = b * g * lq
     dev = query.device
     # (num_kv_heads, batch * group * q_len, head_dim): the queries of each KV head side by side.
-    q = query.float().reshape(b, hkv, g, lq, d).permute(1, 0, 2, 3, 4).reshape(hkv, nq, d).contiguous()
+    q = group_queries_by_kv_head(query, hkv)
     keys = mem_keys if mem_keys.stride(-1) == 1 else mem_keys.contiguous()
     values = mem_values if mem_values.stride(-1) == 1 else mem_values.contiguous()
     normed = mem_keys_normed if mem_keys_normed.stride(-1) == 1 else mem_keys_normed.contiguous()
@@ -220,9 +222,6 @@ def memory_attention_triton(
         C_PAD=triton.next_power_of_2(num_cand), D_PAD=triton.next_power_of_2(d),
     )
 
-    def back(t):  # (num_kv_heads, batch * group * q_len, ...) -> (batch, num_q_heads, q_len, ...)
-        t = t.reshape(hkv, b, g, lq, *t.shape[2:]).permute(1, 0, 2, 3, *range(4, t.dim() + 2))
-        return t.reshape(b, hq, lq, *t.shape[4:])
-
-    return back(out).to(query.dtype).contiguous(), back(lse).contiguous(), back(idx).contiguous()
+    return (ungroup_by_kv_head(out, b, hq, lq).to(query.dtype), ungroup_by_kv_head(lse, b, hq, lq),
+            ungroup_by_kv_head(idx, b, hq, lq))
 

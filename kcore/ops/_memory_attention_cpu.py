@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from kcore._native import native
+from kcore.ops.memory_attn import group_queries_by_kv_head, ungroup_by_kv_head
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int8: 3}
 
@@ -25,7 +26,7 @@ def memory_attention_cpu(
     k_eff = min(topk, m)
     nq = b * g * lq
     # (num_kv_heads, batch * group * q_len, head_dim): the queries of each KV head side by side.
-    q = query.float().reshape(b, hkv, g, lq, d).permute(1, 0, 2, 3, 4).reshape(hkv, nq, d).contiguous()
+    q = group_queries_by_kv_head(query, hkv)
     keys = _rows_contiguous(mem_keys)
     values = _rows_contiguous(mem_values)
     keys_normed = _rows_contiguous(mem_keys_normed)
@@ -45,8 +46,5 @@ def memory_attention_cpu(
         out.data_ptr(), lse.data_ptr(), idx.data_ptr(),
     )
 
-    def back(t):  # (num_kv_heads, batch * group * q_len, ...) -> (batch, num_q_heads, q_len, ...)
-        t = t.reshape(hkv, b, g, lq, *t.shape[2:]).permute(1, 0, 2, 3, *range(4, t.dim() + 2))
-        return t.reshape(b, hq, lq, *t.shape[4:])
-
-    return back(out).to(query.dtype).contiguous(), back(lse).contiguous(), back(idx).contiguous()
+    return (ungroup_by_kv_head(out, b, hq, lq).to(query.dtype), ungroup_by_kv_head(lse, b, hq, lq),
+            ungroup_by_kv_head(idx, b, hq, lq))

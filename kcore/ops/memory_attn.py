@@ -23,6 +23,24 @@ import torch
 from kcore.errors import InvalidInputError
 from kcore.ops._dispatch import check_tensor, resolve_backend
 
+
+def group_queries_by_kv_head(query: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """Layout shared by the native backends: ``(batch, num_q_heads, q_len, head_dim)`` ->
+    float32 ``(num_kv_heads, batch * group * q_len, head_dim)``, contiguous, so that every query
+    reading one KV head is scored in the same pass over that head's keys."""
+    b, hq, lq, d = query.shape
+    g = hq // num_kv_heads
+    return query.float().reshape(b, num_kv_heads, g, lq, d).permute(1, 0, 2, 3, 4).reshape(num_kv_heads, b * g * lq, d).contiguous()
+
+
+def ungroup_by_kv_head(t: torch.Tensor, batch: int, num_q_heads: int, q_len: int) -> torch.Tensor:
+    """Inverse of :func:`group_queries_by_kv_head` for results ``(num_kv_heads, batch * group *
+    q_len, ...)`` -> ``(batch, num_q_heads, q_len, ...)``, contiguous."""
+    hkv = t.shape[0]
+    g = num_q_heads // hkv
+    t = t.reshape(hkv, batch, g, q_len, *t.shape[2:]).permute(1, 0, 2, 3, *range(4, t.dim() + 2))
+    return t.reshape(batch, num_q_heads, q_len, *t.shape[4:]).contiguous()
+
 __all__ = ["memory_attention", "merge_attention_states", "memory_attention_joint_reference"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
