@@ -155,3 +155,35 @@ def test_corrupted_or_foreign_files_are_rejected(model, tok, tmp_path):
 def test_empty_bank_has_no_tokens(model):
     bank = MemoryBank.empty(model)
     assert bank.mem_len == 0 and bank.keys(0).shape == (2, 0, 16)
+
+
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_concatenate_equals_one_build_over_all_documents(model, tok, quantization):
+    kw = dict(window=8, stride=3, dtype=torch.float32, quantization=quantization, progress=False)
+    whole = MemoryBank.build(model, tok, DOCS, **kw)
+    parts = [MemoryBank.build(model, tok, [d], **kw) for d in DOCS]
+    cat = MemoryBank.concatenate(parts)
+    assert cat.mem_len == whole.mem_len == sum(p.mem_len for p in parts)
+    assert cat.documents == DOCS and (cat.window, cat.stride) == (8, 3)
+    # Document ids renumbered: token i of the result cites the same text as in the one build.
+    assert torch.equal(cat.token_map, whole.token_map)
+    assert [cat.text(i) for i in range(cat.mem_len)] == [whole.text(i) for i in range(whole.mem_len)]
+    for layer in whole.layers:
+        torch.testing.assert_close(cat.keys(layer), whole.keys(layer), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(cat.values(layer), whole.values(layer), atol=1e-5, rtol=1e-5)
+    # The inputs are left as they were.
+    assert parts[1].token_map[0, 0].item() == 0 and parts[1].documents == [DOCS[1]]
+
+
+def test_concatenate_refuses_mismatched_banks(model, tok):
+    a = MemoryBank.build(model, tok, DOCS[:1], window=8, stride=4, progress=False)
+    with pytest.raises(InvalidInputError, match="non-empty"):
+        MemoryBank.concatenate([])
+    with pytest.raises(InvalidInputError, match="layers"):
+        MemoryBank.concatenate([a, MemoryBank.build(model, tok, DOCS[:1], window=8, stride=4, layers=[0], progress=False)])
+    with pytest.raises(InvalidInputError, match="dtype"):
+        MemoryBank.concatenate([a, MemoryBank.build(model, tok, DOCS[:1], window=8, stride=4, dtype=torch.float32, progress=False)])
+    with pytest.raises(InvalidInputError, match="quantization"):
+        MemoryBank.concatenate([a, MemoryBank.build(model, tok, DOCS[:1], window=8, stride=4, quantization="int8", progress=False)])
+    mixed = MemoryBank.concatenate([a, MemoryBank.build(model, tok, DOCS[1:2], window=16, stride=4, progress=False)])
+    assert (mixed.window, mixed.stride) == (0, 4)

@@ -388,6 +388,63 @@ class MemoryBank:
             model_name=str(getattr(model.config, "name_or_path", "") or ""),
         )
 
+    @classmethod
+    def concatenate(cls, banks: Sequence["MemoryBank"]) -> "MemoryBank":
+        """One bank holding the memory tokens of ``banks`` in order (documents renumbered), like
+        ``torch.cat`` along ``mem_len`` or faiss ``merge_from``.
+
+        Documents are read independently by :meth:`build` (windows never cross documents), so
+        concatenating banks built from separate document lists gives the same keys and values as
+        one :meth:`build` over all the documents: memory can be grown by building only the new
+        documents. The banks must agree on layers, KV heads, head dim, dtype, quantization and
+        tokenizer fingerprint; window and stride are kept when equal (else 0: mixed). The result
+        is on the first bank's device; the inputs are not modified.
+
+        Raises:
+            InvalidInputError: no banks, or banks that disagree on any of the above.
+        """
+        banks = list(banks)
+        if not banks or not all(isinstance(b, MemoryBank) for b in banks):
+            raise InvalidInputError("concatenate needs a non-empty sequence of MemoryBank")
+        first = banks[0]
+        for i, b in enumerate(banks[1:], 1):
+            for attr in ("layers", "num_kv_heads", "head_dim", "dtype", "quantization", "tokenizer_fingerprint"):
+                if getattr(b, attr) != getattr(first, attr):
+                    raise InvalidInputError(
+                        f"banks[{i}].{attr} is {getattr(b, attr)!r}, banks[0].{attr} is {getattr(first, attr)!r}: "
+                        "only banks built for the same model and settings can be concatenated"
+                    )
+        device = first._keys[first.layers[0]].device
+
+        def cat(stores):
+            return {l: torch.cat([s[l].to(device) for s in stores], dim=1) for l in first.layers}
+
+        maps, offset = [], 0
+        for b in banks:
+            m = b.token_map.clone()
+            m[:, 0] += offset
+            maps.append(m)
+            offset += len(b.documents)
+        same = lambda attr: getattr(first, attr) if all(getattr(b, attr) == getattr(first, attr) for b in banks) else None
+        int8 = first.quantization == "int8"
+        return cls(
+            keys=cat([b._keys for b in banks]),
+            values=cat([b._values for b in banks]),
+            token_map=torch.cat(maps, dim=0),
+            documents=[d for b in banks for d in b.documents],
+            num_kv_heads=first.num_kv_heads,
+            head_dim=first.head_dim,
+            dtype=first.dtype,
+            model_name=same("model_name") or "",
+            tokenizer_fingerprint=first.tokenizer_fingerprint,
+            window=same("window") or 0,
+            stride=same("stride") or 0,
+            quantization=first.quantization,
+            # Scales are (num_kv_heads, mem_len): concatenated along the same axis as the rows.
+            key_scales=cat([b._key_scales for b in banks]) if int8 else None,
+            value_scales=cat([b._value_scales for b in banks]) if int8 else None,
+        )
+
     # ------------------------------------------------------------------ files
 
     def save(self, path) -> None:
