@@ -34,9 +34,13 @@ def first_window_start(t, window, stride):
     return 0 if t < window else ((t - window) // stride + 1) * stride
 
 
+@pytest.mark.parametrize("sink", ["auto", None])
 @pytest.mark.parametrize("window,stride", [(64, 64), (8, 3), (8, 8), (5, 1)])
-def test_keys_and_values_are_kproj_outputs_with_most_left_context(model, tok, window, stride):
-    bank = MemoryBank.build(model, tok, DOCS, window=window, stride=stride, dtype=torch.float32, progress=False)
+def test_keys_and_values_are_kproj_outputs_with_most_left_context(model, tok, window, stride, sink):
+    bank = MemoryBank.build(model, tok, DOCS, window=window, stride=stride, dtype=torch.float32, progress=False, sink_token=sink)
+    # "auto" reads the tokenizer's BOS ([BOS] = 2) before every window and does not keep it.
+    lead = [2] if sink == "auto" else []
+    assert bank.sink_token == (2 if sink == "auto" else None)
     offset = 0
     for doc in DOCS:
         ids = tok(doc, add_special_tokens=False).input_ids
@@ -45,8 +49,8 @@ def test_keys_and_values_are_kproj_outputs_with_most_left_context(model, tok, wi
             want_v = torch.empty(2, len(ids), 16)
             for t in range(len(ids)):
                 s = first_window_start(t, window, stride)
-                k, v = independent_kv(model, ids[s : s + window], layer)
-                want_k[:, t], want_v[:, t] = k[:, t - s], v[:, t - s]
+                k, v = independent_kv(model, lead + ids[s : s + window], layer)
+                want_k[:, t], want_v[:, t] = k[:, len(lead) + t - s], v[:, len(lead) + t - s]
             got_k = bank.keys(layer)[:, offset : offset + len(ids)]
             got_v = bank.values(layer)[:, offset : offset + len(ids)]
             torch.testing.assert_close(got_k, want_k, atol=1e-5, rtol=1e-5)
@@ -55,6 +59,17 @@ def test_keys_and_values_are_kproj_outputs_with_most_left_context(model, tok, wi
     assert bank.mem_len == offset
     kn = bank.keys_normed(1)
     torch.testing.assert_close(kn, bank.keys(1) / bank.keys(1).norm(dim=-1, keepdim=True))
+
+
+def test_sink_token_choice_and_errors(model, tok):
+    assert MemoryBank.build(model, tok, DOCS[:1], window=8, stride=4, progress=False).sink_token is None
+    explicit = MemoryBank.build(model, tok, DOCS[:1], window=8, stride=4, progress=False, sink_token=5)
+    assert explicit.sink_token == 5
+    for bad in (-1, "bos", 1.5, True):
+        with pytest.raises(InvalidInputError, match="sink_token"):
+            MemoryBank.build(model, tok, DOCS[:1], window=8, stride=4, progress=False, sink_token=bad)
+    with pytest.raises(InvalidInputError, match="vocabulary"):
+        MemoryBank.build(model, tok, DOCS[:1], window=8, stride=4, progress=False, sink_token=10**6)
 
 
 def test_token_map_points_at_the_token_text(model, tok):
@@ -89,7 +104,7 @@ def test_save_load_round_trip(model, tok, tmp_path, quantization):
     assert not list(tmp_path.glob("*.tmp"))
     back = MemoryBank.load(path, tokenizer=tok, model=model)
     assert (back.layers, back.mem_len, back.dtype, back.quantization) == (bank.layers, bank.mem_len, bank.dtype, quantization)
-    assert back.documents == DOCS and (back.window, back.stride) == (16, 8)
+    assert back.documents == DOCS and (back.window, back.stride, back.sink_token) == (16, 8, None)
     assert torch.equal(back.token_map, bank.token_map)
     for layer in bank.layers:
         assert torch.equal(back.keys(layer), bank.keys(layer))
@@ -176,7 +191,7 @@ def test_concatenate_equals_one_build_over_all_documents(model, tok, quantizatio
 
 
 def test_concatenate_refuses_mismatched_banks(model, tok):
-    a = MemoryBank.build(model, tok, DOCS[:1], window=8, stride=4, progress=False)
+    a = MemoryBank.build(model, tok, DOCS[:1], window=8, stride=4, progress=False, sink_token="auto")
     with pytest.raises(InvalidInputError, match="non-empty"):
         MemoryBank.concatenate([])
     with pytest.raises(InvalidInputError, match="layers"):
@@ -185,5 +200,6 @@ def test_concatenate_refuses_mismatched_banks(model, tok):
         MemoryBank.concatenate([a, MemoryBank.build(model, tok, DOCS[:1], window=8, stride=4, dtype=torch.float32, progress=False)])
     with pytest.raises(InvalidInputError, match="quantization"):
         MemoryBank.concatenate([a, MemoryBank.build(model, tok, DOCS[:1], window=8, stride=4, quantization="int8", progress=False)])
-    mixed = MemoryBank.concatenate([a, MemoryBank.build(model, tok, DOCS[1:2], window=16, stride=4, progress=False)])
-    assert (mixed.window, mixed.stride) == (0, 4)
+    mixed = MemoryBank.concatenate([a, MemoryBank.build(model, tok, DOCS[1:2], window=16, stride=4, progress=False, sink_token=None)])
+    assert (mixed.window, mixed.stride, mixed.sink_token) == (0, 4, None)
+    assert MemoryBank.concatenate([a, a]).sink_token == 2

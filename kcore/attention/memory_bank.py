@@ -20,7 +20,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -103,6 +103,8 @@ class MemoryBank:
         token_map: ``(mem_len, 3)`` int64 on CPU: ``(document, char_start, char_end)`` per token.
         documents: the memory documents' texts.
         model_name, tokenizer_fingerprint, window, stride: provenance.
+        sink_token: the token id read before every window at build time and not stored (``None``:
+            none, or unknown for a bank that mixes settings).
 
     Build with :meth:`build`, persist with :meth:`save` / :meth:`load`.
     """
@@ -121,6 +123,7 @@ class MemoryBank:
         tokenizer_fingerprint: str = "",
         window: int = 0,
         stride: int = 0,
+        sink_token: Optional[int] = None,
         quantization: Optional[str] = None,
         key_scales: Optional[Dict[int, torch.Tensor]] = None,
         value_scales: Optional[Dict[int, torch.Tensor]] = None,
@@ -139,6 +142,7 @@ class MemoryBank:
         self.model_name = model_name
         self.tokenizer_fingerprint = tokenizer_fingerprint
         self.window, self.stride = int(window), int(stride)
+        self.sink_token = None if sink_token is None else int(sink_token)
         self.documents = list(documents)
         self.token_map = token_map.to(torch.int64).contiguous()
         self.mem_len = int(self.token_map.shape[0])
@@ -238,11 +242,13 @@ class MemoryBank:
         quantization: Optional[str] = None,
         batch_size: int = 4,
         progress: bool = True,
+        sink_token: Union[str, int, None] = None,
     ) -> "MemoryBank":
         """Run ``model`` over ``documents`` and keep every token's per-layer key and value.
 
         Each document is tokenized on its own (no special tokens) and read in windows of
-        ``window`` tokens starting every ``stride`` tokens, each window from position 0. A token
+        ``window`` tokens starting every ``stride`` tokens, each window read from position 0 after
+        the sink token (see ``sink_token``). A token
         is taken from the window where it has the most left context (the first window holding
         it): the first window gives its ``window`` tokens, each later one its last ``stride``.
         Extended Mind Transformers use window 3072, stride 512. Keys are the ``k_proj`` outputs
@@ -262,12 +268,20 @@ class MemoryBank:
                 per (head, token) row; ``dtype`` is then the dequantisation dtype).
             batch_size: windows per forward pass.
             progress: print progress to stderr.
-
+            sink_token: a token id read before every window but not stored; ``None`` (the
+                default) reads windows bare, ``"auto"`` uses the tokenizer's BOS token, else its
+                EOS token, else none. Why it exists: the first token a model reads is an
+                attention sink (Xiao et al. 2023, StreamingLLM), so each stored document's first
+                token draws attention whatever the query; Extended Mind Transformers read memories
+                after a BOS and drop it. Why it is off by default: on SmolLM2-135M it lowered
+                single-fact counterfactual recall from 19/20 to 13/20 and did not rescue recall
+                among distractors (benchmarks/RESULTS.md, issue 5); measure before enabling.
         Returns:
             A :class:`MemoryBank` on the model's device.
 
         Raises:
-            InvalidInputError: bad window / stride / layers / documents, or a slow tokenizer.
+            InvalidInputError: bad window / stride / layers / documents / sink_token, or a slow
+                tokenizer.
         """
         import sys
 
@@ -278,6 +292,11 @@ class MemoryBank:
                 raise InvalidInputError(f"{name} must be an int >= 1, got {v!r}")
         if stride > window:
             raise InvalidInputError(f"stride must be <= window ({window}), got {stride}")
+        sink = _sink_token_id(tokenizer, sink_token)
+        vocab = model.get_input_embeddings().num_embeddings
+        if sink is not None and sink >= vocab:
+            raise InvalidInputError(f"sink_token {sink} is outside the model's vocabulary ({vocab} tokens)")
+        lead = [] if sink is None else [sink]
         if isinstance(documents, str):
             raise InvalidInputError("documents must be a sequence of strings, got one str (wrap it in a list)")
         documents = list(documents)
@@ -329,14 +348,14 @@ class MemoryBank:
                     group = plan[b0 : b0 + batch_size]
                     # Group windows of equal length into one batch (only the last may be shorter).
                     for same in _split_by_length(group):
-                        batch = torch.tensor([ids[s:e] for s, _, e in same], dtype=torch.long, device=device)
+                        batch = torch.tensor([lead + ids[s:e] for s, _, e in same], dtype=torch.long, device=device)
                         with torch.no_grad():
                             model(input_ids=batch, use_cache=False)
                         for l in layers:
                             for kind, parts in (("k", k_parts), ("v", v_parts)):
                                 out = captured.pop((kind, l))
                                 for row, (s, keep, e) in enumerate(same):
-                                    x = out[row, keep - s : e - s].reshape(e - keep, num_kv, head_dim)
+                                    x = out[row, len(lead) + keep - s : len(lead) + e - s].reshape(e - keep, num_kv, head_dim)
                                     parts[l].append(x.transpose(0, 1).to(dtype))
                     if progress:
                         done = group[-1][2]
@@ -369,6 +388,7 @@ class MemoryBank:
             tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
             window=window,
             stride=stride,
+            sink_token=sink,
             quantization=quantization,
             key_scales=key_scales,
             value_scales=value_scales,
@@ -397,8 +417,8 @@ class MemoryBank:
         concatenating banks built from separate document lists gives the same keys and values as
         one :meth:`build` over all the documents: memory can be grown by building only the new
         documents. The banks must agree on layers, KV heads, head dim, dtype, quantization and
-        tokenizer fingerprint; window and stride are kept when equal (else 0: mixed). The result
-        is on the first bank's device; the inputs are not modified.
+        tokenizer fingerprint; window, stride and sink token are kept when equal (else 0, 0, None:
+        mixed). The result is on the first bank's device; the inputs are not modified.
 
         Raises:
             InvalidInputError: no banks, or banks that disagree on any of the above.
@@ -425,7 +445,9 @@ class MemoryBank:
             m[:, 0] += offset
             maps.append(m)
             offset += len(b.documents)
-        same = lambda attr: getattr(first, attr) if all(getattr(b, attr) == getattr(first, attr) for b in banks) else None
+        def same(attr, mixed):
+            return getattr(first, attr) if all(getattr(b, attr) == getattr(first, attr) for b in banks) else mixed
+
         int8 = first.quantization == "int8"
         return cls(
             keys=cat([b._keys for b in banks]),
@@ -435,10 +457,11 @@ class MemoryBank:
             num_kv_heads=first.num_kv_heads,
             head_dim=first.head_dim,
             dtype=first.dtype,
-            model_name=same("model_name") or "",
+            model_name=same("model_name", ""),
             tokenizer_fingerprint=first.tokenizer_fingerprint,
-            window=same("window") or 0,
-            stride=same("stride") or 0,
+            window=same("window", 0),
+            stride=same("stride", 0),
+            sink_token=same("sink_token", None),
             quantization=first.quantization,
             # Scales are (num_kv_heads, mem_len): concatenated along the same axis as the rows.
             key_scales=cat([b._key_scales for b in banks]) if int8 else None,
@@ -468,6 +491,7 @@ class MemoryBank:
             "tokenizer_fingerprint": self.tokenizer_fingerprint,
             "window": self.window,
             "stride": self.stride,
+            "sink_token": self.sink_token,
             "documents": self.documents,
             "sha256": _digest(tensors),
         }
@@ -551,6 +575,7 @@ class MemoryBank:
                 keys=parts["keys"], values=parts["values"], token_map=token_map, documents=meta["documents"],
                 num_kv_heads=num_kv, head_dim=head_dim, dtype=dtype, model_name=meta["model"],
                 tokenizer_fingerprint=meta["tokenizer_fingerprint"], window=meta["window"], stride=meta["stride"],
+                sink_token=meta.get("sink_token"),
                 quantization=quant, key_scales=parts.get("key_scales"), value_scales=parts.get("value_scales"),
             )
         except KeyError as e:
@@ -568,6 +593,20 @@ class MemoryBank:
                 out[f"key_scales.{l}"] = self._key_scales[l].cpu().contiguous()
                 out[f"value_scales.{l}"] = self._value_scales[l].cpu().contiguous()
         return out
+
+
+def _sink_token_id(tokenizer, sink_token) -> Optional[int]:
+    """The token id :meth:`MemoryBank.build` reads before each window (``None``: no sink token)."""
+    if sink_token is None:
+        return None
+    if sink_token == "auto":
+        for tid in (getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+            if isinstance(tid, int):
+                return tid
+        return None
+    if isinstance(sink_token, bool) or not isinstance(sink_token, int) or sink_token < 0:
+        raise InvalidInputError(f'sink_token must be "auto", None or a token id >= 0, got {sink_token!r}')
+    return sink_token
 
 
 def _split_by_length(windows):
