@@ -1,24 +1,32 @@
 """Counterfactual recall with kcore memory attention on SmolLM2-135M-Instruct.
 
-A memory document states invented facts (invented countries with invented capitals: the model has
-no prior about them, and SmolLM2-135M does not override a real country's known capital even with
-the document in its prompt); the model is then
-asked for each capital (chat template, answer prefilled with "The capital of X is") and an answer
-counts when the whole invented capital appears, as a word, in the first 12 generated tokens. The
-document has one fact per line; the invented names are deterministic, at most 3 tokens, and no two
-names share their first token (names that do are confused even with the document in the prompt).
-Conditions:
+Invented facts (invented countries with invented capitals: the model has no prior about them,
+and SmolLM2-135M does not override a real country's known capital even with the document in its
+prompt) are written into memory documents, "The capital of <country> is <capital>." one per line;
+the model is then asked for each capital (chat template, answer prefilled with "The capital of X
+is") and an answer counts when the whole invented capital appears, as a word, in the first 12
+generated tokens. The invented names are deterministic, at most 3 tokens, and no two share their
+first token (names that do are confused even with the document in the prompt).
+
+As in Extended Mind Transformers' counterfactual benchmark, each question is asked with the
+document that holds its fact (one document per question, not one memory for the whole test). The
+number of facts per document is swept (1, 2, 5, 10, 20 of the 20 facts), because SmolLM2-135M's
+associative recall collapses beyond a few invented pairs even with the document in its prompt.
+Facts alternate between a dev half (topk chosen there, per row) and a test half (reported).
+Conditions per row:
 
 * no memory (the model's prior; invented names, so about 0);
-* kcore memory attention over a bank of the document (topk chosen on the dev half, then scored
-  on the test half), and the same with an int8 bank;
-* the document placed in the prompt;
+* kcore memory attention over a bank of the question's document, and the same with an int8 bank;
+* the document placed in the prompt.
 
-then the same with the facts buried in tens of thousands of tokens of real distractor text (the
-news corpus lee_background.cor from the gensim wheel's test data), where the document no longer
-fits SmolLM2's 8k context.
+Then the facts buried in real distractor text (news items of lee_background.cor from the gensim
+wheel's test data, one memory document per item): each question's bank is the distractor bank
+(built once) concatenated with the bank of its one-fact document (MemoryBank.concatenate; memory
+keys carry no position, so where the fact document sits among the others does not matter), at
+sizes that fit SmolLM2's 8k context, where the same documents also go in the prompt (fact document
+at a random place among the news items), and at 50k tokens, which do not fit.
 
-Usage: python benchmarks/bench_memory_recall.py [--distractor-tokens 50000] [--out FILE]
+Usage: python benchmarks/bench_memory_recall.py [--distractor-tokens 7000,50000] [--out FILE]
 """
 
 from __future__ import annotations
@@ -102,49 +110,119 @@ def ask(model, tok, country, *, context=None, max_new_tokens=12):
     return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def accuracy(model, tok, facts, **kw):
-    hits = 0
-    for country, capital in facts:
-        # Whole name, case-insensitive, as a word (12 new tokens leave room for a 3-token name).
-        hits += re.search(rf"\b{re.escape(capital)}\b", ask(model, tok, country, **kw), re.I) is not None
-    return hits / len(facts)
+def correct(answer, capital):
+    # Whole name, case-insensitive, as a word (12 new tokens leave room for a 3-token name).
+    return re.search(rf"\b{re.escape(capital)}\b", answer, re.I) is not None
 
 
-def with_memory(model, tok, bank, facts, topk):
-    with enable_memory_attention(model, bank, topk=topk, record_citations=False):
-        return accuracy(model, tok, facts)
+def accuracy(model, tok, facts, *, contexts=None, banks=None, topk=None):
+    """Share of ``facts`` answered right; question i gets ``contexts[i]`` in its prompt and/or
+    memory attention over ``banks[i]`` with ``topk``."""
+    return accuracies(model, tok, facts, contexts=contexts, banks=banks, topks=[topk])[topk]
 
 
-def int8_logit_drift(model, tok, bank, bank8, facts, topk):
+def accuracies(model, tok, facts, *, contexts=None, banks=None, topks=(None,)):
+    """``{topk: accuracy}``. Questions outer, topks inner, so that ``banks[i]`` is read once per
+    question (``banks`` may build each bank on demand: a 50k-token bank is 1.2 GB)."""
+    hits = dict.fromkeys(topks, 0)
+    for i, (country, capital) in enumerate(facts):
+        context = None if contexts is None else contexts[i]
+        if banks is None:
+            hits[None] += correct(ask(model, tok, country, context=context), capital)
+            continue
+        bank = banks[i]
+        for k in topks:
+            with enable_memory_attention(model, bank, topk=k, record_citations=False):
+                hits[k] += correct(ask(model, tok, country, context=context), capital)
+    return {k: h / len(facts) for k, h in hits.items()}
+
+
+def choose_topk(model, tok, dev, dev_banks, topks):
+    """Dev accuracy per topk and the best topk (ties: the smaller)."""
+    dev_acc = accuracies(model, tok, dev, banks=dev_banks, topks=topks)
+    return dev_acc, max(topks, key=lambda k: (dev_acc[k], -k))
+
+
+class Concatenated:
+    """``[i] -> MemoryBank.concatenate([head, tails[i]])``, built when asked (keeping them all
+    would hold one copy of ``head`` per question)."""
+
+    def __init__(self, head, tails):
+        self.head, self.tails = head, tails
+
+    def __getitem__(self, i):
+        return MemoryBank.concatenate([self.head, self.tails[i]])
+
+
+def int8_logit_drift(model, tok, facts, banks, banks8, topk):
     """Next-token logits after each question with the float bank vs the int8 bank: max and mean
     absolute difference, and how often the top-1 token agrees."""
     diffs, agree = [], 0
-    for country, _ in facts:
+    for i, (country, _) in enumerate(facts):
         msgs = [{"role": "user", "content": f"What is the capital of {country}?"}]
         prompt = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) + f"The capital of {country} is"
         ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
         logits = []
-        for b in (bank, bank8):
+        for b in (banks[i], banks8[i]):
             with torch.no_grad(), enable_memory_attention(model, b, topk=topk, record_citations=False):
                 logits.append(model(**ids).logits[0, -1])
         diffs.append((logits[0] - logits[1]).abs())
         agree += int(logits[0].argmax() == logits[1].argmax())
     d = torch.stack(diffs)
-    return {"max_abs": d.max().item(), "mean_abs": d.mean().item(), "top1_agree": agree / len(facts)}
+    return {"max_abs": round(d.max().item(), 3), "mean_abs": round(d.mean().item(), 3), "top1_agree": agree / len(facts)}
+
+
+def answer_retrieval(model, tok, facts, banks, topk):
+    """Why memory attention does or does not answer: at the last prompt position (the query that
+    must produce the capital), the share of (layer, query head) pairs whose top-k memories
+    include a token of the capital. The capital is the last word of the bank's last document
+    (the question's fact), so its tokens are found from the token map, not by matching text."""
+    shares = []
+    for i, (country, capital) in enumerate(facts):
+        bank = banks[i]
+        last = len(bank.documents) - 1
+        doc = bank.documents[last]
+        lo = doc.rindex(capital)
+        m = bank.token_map
+        wanted = torch.nonzero((m[:, 0] == last) & (m[:, 2] > lo) & (m[:, 1] < lo + len(capital))).flatten()
+        msgs = [{"role": "user", "content": f"What is the capital of {country}?"}]
+        prompt = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) + f"The capital of {country} is"
+        ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad(), enable_memory_attention(model, bank, topk=topk) as h:
+            model(**ids)
+            # The handle's record of the chosen indices at the last position, per layer:
+            # (batch, num_q_heads, topk) (what citations() aggregates).
+            idx = torch.stack([h._steps[-1][layer][0][0] for layer in sorted(h._steps[-1])])
+        shares.append(torch.isin(idx, wanted).any(-1).float().mean().item())
+    return round(sum(shares) / len(shares), 3)
+
+
+def news_items(tok, n_tokens):
+    """Whole news items, in corpus order, until about ``n_tokens`` tokens."""
+    items, n = [], 0
+    for line in distractor_text().splitlines():
+        if n >= n_tokens:
+            break
+        if line.strip():
+            items.append(line.strip())
+            n += len(tok(items[-1], add_special_tokens=False).input_ids)
+    if n < n_tokens:
+        raise SystemExit(f"the distractor corpus has only {n} tokens (< {n_tokens})")
+    return items
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--facts", type=int, default=20, help="invented facts (half dev, half test)")
+    p.add_argument("--facts", type=int, default=20, help="invented facts (alternately dev and test)")
+    p.add_argument("--facts-per-doc", default="1,2,5,10,20", help="facts per memory document, one table row each (empty: skip)")
     p.add_argument("--topks", default="2,4,8,16")
-    p.add_argument("--distractor-tokens", type=int, default=50000, help="0 to skip the buried part")
+    p.add_argument("--distractor-tokens", default="7000,50000",
+                   help="sizes of the distractor memory, comma-separated (empty to skip the buried part)")
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--stride", type=int, default=256)
-    p.add_argument("--bank-cache", default="", help="folder to keep the built banks in")
+    p.add_argument("--bank-cache", default="", help="folder to keep the distractor banks in")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--out", default="", help="also write the results as JSON here")
-    p.add_argument("--only-buried", type=int, default=0, metavar="TOPK",
-                   help="skip the facts-only part; run the buried part with this topk")
     args = p.parse_args()
 
     torch.manual_seed(0)
@@ -152,87 +230,96 @@ def main() -> int:
     model, tok = load_model_and_tokenizer()
     countries = invented_countries(args.facts, tok)
     facts = list(zip(countries, invented_capitals(args.facts, tok, countries)))
-    dev, test = facts[0::2], facts[1::2]
-    doc = "\n".join(fact_sentence(c, k) for c, k in facts)
+    dev_idx, test_idx = list(range(0, len(facts), 2)), list(range(1, len(facts), 2))
+    dev, test = [facts[i] for i in dev_idx], [facts[i] for i in test_idx]
     topks = [int(x) for x in args.topks.split(",")]
-    results = {"facts": len(facts), "dev": len(dev), "test": len(test), "window": args.window, "stride": args.stride}
+    bank_kw = dict(window=args.window, stride=args.stride, progress=False)
+    results = {"model": model.config.name_or_path, "facts": len(facts), "dev": len(dev), "test": len(test),
+               "window": args.window, "stride": args.stride, "topks": topks, "rows": [], "buried": []}
+    t_all = time.perf_counter()
+    results["no_memory"] = accuracy(model, tok, test)
 
-    def build(documents, name, **kw):
-        path = Path(args.bank_cache) / f"{name}.safetensors" if args.bank_cache else None
-        if path is not None and path.exists():
-            return MemoryBank.load(path, tokenizer=tok, model=model), 0.0
+    single_banks = None
+    for n in [int(x) for x in args.facts_per_doc.split(",") if x.strip()]:
         t0 = time.perf_counter()
-        bank = MemoryBank.build(model, tok, documents, window=args.window, stride=args.stride, **kw)
-        dt = time.perf_counter() - t0
-        if path is not None:
-            bank.save(path)
-        return bank, dt
+        docs = ["\n".join(fact_sentence(*f) for f in facts[i : i + n]) for i in range(0, len(facts), n)]
+        banks = [MemoryBank.build(model, tok, [d], **bank_kw) for d in docs]
+        banks8 = [MemoryBank.build(model, tok, [d], quantization="int8", **bank_kw) for d in docs]
+        if n == 1:
+            single_banks = banks
+        doc_of = [i // n for i in range(len(facts))]
+        dev_acc, best = choose_topk(model, tok, dev, [banks[doc_of[i]] for i in dev_idx], topks)
+        t_banks = [banks[doc_of[i]] for i in test_idx]
+        t_banks8 = [banks8[doc_of[i]] for i in test_idx]
+        row = {
+            "facts_per_doc": n,
+            "doc_tokens": max(b.mem_len for b in banks),
+            "dev": dev_acc,
+            "topk": best,
+            "memory": accuracy(model, tok, test, banks=t_banks, topk=best),
+            "memory_int8": accuracy(model, tok, test, banks=t_banks8, topk=best),
+            "int8_logit_drift": int8_logit_drift(model, tok, test, t_banks, t_banks8, best),
+            "answer_retrieved": answer_retrieval(model, tok, test, t_banks, best) if n == 1 else None,
+            "in_prompt": accuracy(model, tok, test, contexts=[docs[doc_of[i]] for i in test_idx]),
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+        results["rows"].append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
 
-    t0 = time.perf_counter()
-    if args.only_buried:
-        best = args.only_buried
-    else:
-        results["no_memory"] = accuracy(model, tok, test)
-        results["in_prompt"] = accuracy(model, tok, test, context=doc)
-        bank, _ = build([doc], "facts")
-        results["short_mem_tokens"] = bank.mem_len
-        results["short_dev"] = {k: with_memory(model, tok, bank, dev, k) for k in topks}
-        best = max(topks, key=lambda k: (results["short_dev"][k], -k))
-        results["short_memory"] = with_memory(model, tok, bank, test, best)
-        bank8, _ = build([doc], "facts_int8", quantization="int8")
-        results["short_memory_int8"] = with_memory(model, tok, bank8, test, best)
-        results["int8_logit_drift"] = int8_logit_drift(model, tok, bank, bank8, test, best)
-    results["topk"] = best
-    results["short_seconds"] = time.perf_counter() - t0
-    print(json.dumps(results), file=sys.stderr)
-
-    if args.distractor_tokens > 0:
-        # Sentences of the news items (not whole items: a few thousand tokens hold fewer items
-        # than there are facts to place between them).
-        lines = [x.strip() + "." for l in distractor_text().splitlines() for x in l.split(". ") if x.strip()]
-        # Take whole news items until about distractor_tokens tokens, then put one fact after
-        # evenly spaced items (shuffled order), so the facts are scattered through the text.
-        chosen, n_tok = [], 0
-        for line in lines:
-            if n_tok >= args.distractor_tokens:
-                break
-            chosen.append(line)
-            n_tok += len(tok(line, add_special_tokens=False).input_ids)
-        rng = random.Random(3)
-        order = facts[:]
-        rng.shuffle(order)
-        slots = sorted(rng.sample(range(1, len(chosen)), len(order)))
-        pieces, j = [], 0
-        for i, line in enumerate(chosen):
-            pieces.append(line)
-            while j < len(slots) and slots[j] == i + 1:
-                pieces.append(fact_sentence(*order[j]))
-                j += 1
-        buried = "\n".join(pieces)
-        bank_b, build_s = build([buried], f"buried_{args.distractor_tokens}")
-        results["buried_mem_tokens"] = bank_b.mem_len
-        results["buried_build_seconds"] = build_s
+    sizes = [int(x) for x in args.distractor_tokens.split(",") if x.strip()]
+    if sizes and single_banks is None:
+        single_banks = [MemoryBank.build(model, tok, [fact_sentence(*f)], **bank_kw) for f in facts]
+    for size in sizes:
+        items = news_items(tok, size)
+        path = Path(args.bank_cache) / f"news_{size}_w{args.window}_s{args.stride}.safetensors" if args.bank_cache else None
         t0 = time.perf_counter()
-        results["buried_memory"] = with_memory(model, tok, bank_b, test, best)
-        results["buried_seconds"] = time.perf_counter() - t0
-        # The document in the prompt, when it fits the context (with room for the question).
-        if len(tok(buried, add_special_tokens=False).input_ids) + 64 <= model.config.max_position_embeddings:
-            results["buried_in_prompt"] = accuracy(model, tok, test, context=buried)
-        print(json.dumps(results), file=sys.stderr)
+        news = MemoryBank.load(path, tokenizer=tok, model=model) if path is not None and path.exists() else None
+        if news is not None and (news.window, news.stride, news.sink_token) == (args.window, args.stride, single_banks[0].sink_token):
+            build_s = None
+        else:
+            news = MemoryBank.build(model, tok, items, **bank_kw)
+            build_s = round(time.perf_counter() - t0, 1)
+            if path is not None:
+                news.save(path)
+        t0 = time.perf_counter()
+        # Memory keys carry no position (rope="none"), so the fact document goes last.
+        dev_acc, best = choose_topk(model, tok, dev, Concatenated(news, [single_banks[i] for i in dev_idx]), topks)
+        test_banks = Concatenated(news, [single_banks[i] for i in test_idx])
+        row = {"distractor_tokens": news.mem_len, "documents": len(items) + 1, "build_seconds": build_s,
+               "build_tokens_per_s": round(news.mem_len / build_s) if build_s else None,
+               "dev": dev_acc, "topk": best,
+               "memory": accuracy(model, tok, test, banks=test_banks, topk=best),
+               "answer_retrieved": answer_retrieval(model, tok, test, test_banks, best)}
+        n_prompt = news.mem_len + 64 + max(b.mem_len for b in single_banks)
+        if n_prompt <= model.config.max_position_embeddings:
+            rng = random.Random(3)
+            contexts = []
+            for i in test_idx:
+                docs = items[:]
+                docs.insert(rng.randrange(len(docs) + 1), fact_sentence(*facts[i]))
+                contexts.append("\n".join(docs))
+            row["in_prompt"] = accuracy(model, tok, test, contexts=contexts)
+        row["seconds"] = round(time.perf_counter() - t0, 1)
+        results["buried"].append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    results["seconds"] = round(time.perf_counter() - t_all, 1)
 
-    print("| memory | condition | test accuracy |")
-    print("|---|---|---|")
-    if not args.only_buried:
-        print(f"| facts only ({results['short_mem_tokens']} tokens) | no memory | {results['no_memory']:.2f} |")
-        print(f"| | kcore memory attention, topk={best} (dev: {results['short_dev']}) | {results['short_memory']:.2f} |")
-        print(f"| | same, int8 bank | {results['short_memory_int8']:.2f} |")
-        print(f"| | (int8 vs float16 bank, next-token logits: {results['int8_logit_drift']}) | |")
-        print(f"| | document in the prompt | {results['in_prompt']:.2f} |")
-    if args.distractor_tokens > 0:
-        # Without memory the questions are the same as above: the no-memory accuracy carries over.
-        print(f"| facts in {results['buried_mem_tokens']} tokens of news | kcore memory attention, topk={best} | {results['buried_memory']:.2f} |")
-        in_prompt = results.get("buried_in_prompt")
-        print(f"| | document in the prompt | {'n/a (exceeds the context)' if in_prompt is None else f'{in_prompt:.2f}'} |")
+    print(f"no memory (test, {len(test)} questions): {results['no_memory']:.2f}")
+    if results["rows"]:
+        print("| facts per document | document tokens | dev accuracy by topk | topk | memory attention | int8 bank | document in the prompt |")
+        print("|---|---|---|---|---|---|---|")
+    for r in results["rows"]:
+        dev_s = " / ".join(f"{r['dev'][k]:.1f}" for k in topks)
+        print(f"| {r['facts_per_doc']} | {r['doc_tokens']} | {dev_s} | {r['topk']} | {r['memory']:.2f} | {r['memory_int8']:.2f} | {r['in_prompt']:.2f} |")
+    if results["rows"] and results["rows"][0]["answer_retrieved"] is not None:
+        print(f"heads retrieving the answer, one fact per document, no distractors: {results['rows'][0]['answer_retrieved']:.2f}")
+    if results["buried"]:
+        print("| distractor tokens | dev accuracy by topk | topk | memory attention | heads retrieving the answer | document in the prompt |")
+        print("|---|---|---|---|---|---|")
+        for r in results["buried"]:
+            dev_s = " / ".join(f"{r['dev'][k]:.1f}" for k in topks)
+            ip = f"{r['in_prompt']:.2f}" if "in_prompt" in r else "n/a (exceeds the 8k context)"
+            print(f"| {r['distractor_tokens']} | {dev_s} | {r['topk']} | {r['memory']:.2f} | {r['answer_retrieved']:.2f} | {ip} |")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
     return 0
