@@ -1,4 +1,5 @@
-"""kcore's persistent thread pool (csrc/core/parallel.cpp), exercised through the ops that use it.
+"""kcore's parallel_for (csrc/core/parallel.cpp: the host's OpenMP team when torch has loaded one,
+else kcore's persistent thread pool), exercised through the ops that use it.
 
 Every op is compared with an independent result (the torch backend, or the same op row by row,
 which runs single-threaded), while 8 Python threads call the ops at once; forked children and a
@@ -136,13 +137,36 @@ check()  # the pool exists from here on
 """
 
 
-def _run_child(body: str, timeout: float) -> subprocess.CompletedProcess:
-    env = dict(os.environ, KCORE_NUM_THREADS="4")
+def _run_child(body: str, timeout: float, host_openmp: str = "1") -> subprocess.CompletedProcess:
+    env = dict(os.environ, KCORE_NUM_THREADS="4", KCORE_HOST_OPENMP=host_openmp)
     code = textwrap.dedent(_CHILD_PRELUDE) + textwrap.dedent(body)
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_forked_child_after_pool_use_does_not_hang():
+def _openmp_loaded() -> bool:
+    with open("/proc/self/maps") as f:
+        names = {line.split()[-1].rsplit("/", 1)[-1] for line in f if "/" in line}
+    return any(n.startswith(("libgomp", "libiomp5", "libomp.")) for n in names)
+
+
+def test_parallel_backend_is_the_host_openmp_team_when_torch_loaded_one():
+    # torch is imported here; with its OpenMP runtime loaded the kernels run on that team (its
+    # workers would otherwise spin on the cores kcore's pool needs), unless turned off.
+    from kcore._native import native
+
+    expected = "host-openmp" if _openmp_loaded() else "kcore-pool"
+    assert native().parallel_backend() == expected
+    r = _run_child("from kcore._native import native; print(native().parallel_backend())\n", 60, host_openmp="0")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "kcore-pool"
+
+
+# Both thread backends: the host's OpenMP team (torch's libgomp) and kcore's own pool.
+BACKENDS = pytest.mark.parametrize("host_openmp", ["1", "0"])
+
+
+@BACKENDS
+def test_forked_child_after_pool_use_does_not_hang(host_openmp):
     body = """
     import multiprocessing as mp
     def child(q):
@@ -159,18 +183,20 @@ def test_forked_child_after_pool_use_does_not_hang():
     check()  # the parent's pool still works after forking
     print("parent ok")
     """
-    r = _run_child(body, timeout=120)
+    r = _run_child(body, timeout=120, host_openmp=host_openmp)
     assert r.returncode == 0, r.stderr
     assert "parent ok" in r.stdout
 
 
-def test_exit_right_after_pool_use_is_clean():
-    r = _run_child("print('done')\n", timeout=60)
+@BACKENDS
+def test_exit_right_after_pool_use_is_clean(host_openmp):
+    r = _run_child("print('done')\n", timeout=60, host_openmp=host_openmp)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "done"
 
 
-def test_many_workers_many_callers_in_subprocess():
+@BACKENDS
+def test_many_workers_many_callers_in_subprocess(host_openmp):
     # More workers than cores (KCORE_NUM_THREADS=4) and 4 callers hammering small and large calls:
     # the chunks a late worker misses are run by the caller, and no call loses a chunk.
     body = """
@@ -191,6 +217,6 @@ def test_many_workers_many_callers_in_subprocess():
     assert not errors, errors
     print("ok")
     """
-    r = _run_child(body, timeout=120)
+    r = _run_child(body, timeout=120, host_openmp=host_openmp)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "ok"

@@ -4,6 +4,7 @@
 
 #include "bindings/registry.h"
 #include "core/errors.h"
+#include "core/parallel.h"
 
 namespace py = pybind11;
 
@@ -27,6 +28,10 @@ PYBIND11_MODULE(_C, m) {
       PyErr_SetString(cls.ptr(), e.what());
     }
   });
+  m.def("parallel_backend", &kcore::parallel_backend,
+        "What the CPU kernels' threads run on: 'host-openmp' (the process's OpenMP team, e.g. "
+        "PyTorch's) or 'kcore-pool'.");
+  m.def("num_threads", &kcore::num_threads, "Threads the CPU kernels may use ($KCORE_NUM_THREADS or the core count).");
   kcore::bindings::register_trie(m);
   kcore::bindings::register_bitmask(m);
   kcore::bindings::register_facts(m);

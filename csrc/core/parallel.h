@@ -1,5 +1,5 @@
-// Minimal fork-join parallelism for the CPU kernels on a persistent thread pool (no OpenMP
-// dependency in the wheel).
+// Minimal fork-join parallelism for the CPU kernels: on the host process's OpenMP team when one is
+// loaded, else on kcore's own persistent thread pool (no OpenMP dependency in the wheel).
 #pragma once
 #include <cstdint>
 #include <functional>
@@ -16,6 +16,11 @@ int num_threads();
 // from inside a chunk (nested), or when another thread's call holds the pool. The first exception
 // thrown by a chunk is rethrown to the caller after all chunks finish. Fork-safe: a forked child
 // starts a fresh pool.
+// When the process has an OpenMP runtime loaded (PyTorch's libgomp), the chunks run on its
+// team instead of kcore's pool (see parallel.cpp for why); $KCORE_HOST_OPENMP=0 disables that.
 void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
+
+// "host-openmp" or "kcore-pool": what the next parallel_for from this process would run on.
+const char* parallel_backend();
 
 }  // namespace kcore
