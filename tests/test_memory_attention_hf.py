@@ -122,6 +122,8 @@ def test_hooked_forward_equals_reference_concatenated_softmax(model, tok, bank, 
         got = model(**inputs).logits
         cites = handle.citations(top=3)
         cites_no_sink = handle.citations(top=3, skip_leading=1)
+    # The weights are computed when citations() is called: the same after the handle is disabled.
+    assert handle.citations(top=3) == cites
     valid = inputs["attention_mask"].bool()
     torch.testing.assert_close(got[valid], want[valid], atol=1e-4, rtol=1e-4)
     # The memory actually changes the output (else this test could not fail).

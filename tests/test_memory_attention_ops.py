@@ -283,6 +283,34 @@ def test_merge_attention_states_exact_and_inf():
     assert out.dtype == torch.float16 and torch.equal(out, oa.half())
 
 
+def test_native_merge_equals_torch_formula():
+    # The float32 CPU path is one C++ pass; the torch formula is the other backends' path.
+    from kcore.ops.memory_attn import _merge_attention_states_torch
+
+    g = torch.Generator().manual_seed(29)
+    oa, ob = torch.randn(3, 9, 5, 64, generator=g), torch.randn(3, 9, 5, 64, generator=g)
+    la, lb = torch.randn(3, 9, 5, generator=g) * 20, torch.randn(3, 9, 5, generator=g) * 20
+    la[0, :, 0] = -math.inf  # one side empty
+    lb[1, :, 1] = -math.inf
+    la[2, :, 2] = lb[2, :, 2] = -math.inf  # both empty
+    la[2, 0, 3], lb[2, 0, 3] = 80.0, -80.0  # far apart: no overflow
+    out, lse = merge_attention_states(oa, la, ob, lb)
+    ref_out, ref_lse = _merge_attention_states_torch(oa, la, ob, lb)
+    torch.testing.assert_close(out, ref_out, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-6, rtol=1e-6)
+    assert bool(torch.isneginf(lse[2, :, 2]).all()) and bool((out[2, :, 2] == 0).all())
+    # Strided (non-contiguous) inputs give the same result.
+    out_t, lse_t = merge_attention_states(oa.transpose(1, 2).contiguous().transpose(1, 2), la, ob, lb)
+    assert torch.equal(out_t, out) and torch.equal(lse_t, lse)
+    # A NaN or +inf lse is refused and named, on either side.
+    for bad_side in ("a", "b"):
+        bad = la.clone() if bad_side == "a" else lb.clone()
+        bad[0, 0, 4] = math.nan if bad_side == "a" else math.inf
+        args = (oa, bad, ob, lb) if bad_side == "a" else (oa, la, ob, bad)
+        with pytest.raises(InvalidInputError, match=f"lse_{bad_side}"):
+            merge_attention_states(*args)
+
+
 def test_bad_inputs_raise_named_errors():
     q, k, v = _make(1, 4, 2, 1, 64, 10)
     with pytest.raises(InvalidInputError, match="query"):

@@ -62,9 +62,21 @@ void forward(uintptr_t query, int64_t num_kv_heads, int64_t queries_per_head, in
   kcore::memory_attention_forward(a);
 }
 
+int merge(uintptr_t out_a, uintptr_t lse_a, uintptr_t out_b, uintptr_t lse_b, int64_t rows, int64_t head_dim,
+          uintptr_t out, uintptr_t lse) {
+  if (rows == 0) return 0;
+  return kcore::merge_attention_states_f32(
+      as_ptr<const float>(out_a, "out_a"), as_ptr<const float>(lse_a, "lse_a"), as_ptr<const float>(out_b, "out_b"),
+      as_ptr<const float>(lse_b, "lse_b"), rows, head_dim, as_ptr<float>(out, "out"), as_ptr<float>(lse, "lse"));
+}
+
 }  // namespace
 
 void register_memory_attention(py::module_& m) {
+  m.def("merge_attention_states_f32", &merge, py::arg("out_a"), py::arg("lse_a"), py::arg("out_b"), py::arg("lse_b"),
+        py::arg("rows"), py::arg("head_dim"), py::arg("out"), py::arg("lse"),
+        "Merge two attention states over raw float32 contiguous pointers: out_* (rows, head_dim), lse_* (rows). "
+        "Returns 0, or 1 / 2 when lse_a / lse_b holds NaN or +inf (nothing written).");
   m.def("memory_attention_forward", &forward, py::arg("query"), py::arg("num_kv_heads"), py::arg("queries_per_head"),
         py::arg("head_dim"), py::arg("mem_len"), py::arg("normed_dtype"), py::arg("kv_dtype"), py::arg("keys_normed"), py::arg("kn_stride_head"),
         py::arg("kn_stride_row"), py::arg("keys"), py::arg("k_stride_head"), py::arg("k_stride_row"),

@@ -469,4 +469,32 @@ void memory_attention_forward(const MemoryAttentionArgs& a) {
   throw InvalidInput("memory_attention: unknown dtype code " + std::to_string(static_cast<int>(a.normed_dtype)));
 }
 
+int merge_attention_states_f32(const float* out_a, const float* lse_a, const float* out_b, const float* lse_b,
+                               int64_t rows, int64_t head_dim, float* out, float* lse) {
+  check(rows >= 0 && head_dim >= 1, "merge: rows must be >= 0 and head_dim >= 1");
+  check(rows == 0 || (out_a && lse_a && out_b && lse_b && out && lse), "merge: null pointer");
+  // Validate first, so that a bad input leaves the outputs untouched.
+  for (int side = 0; side < 2; ++side) {
+    const float* l = side == 0 ? lse_a : lse_b;
+    for (int64_t r = 0; r < rows; ++r) {
+      if (std::isnan(l[r]) || l[r] == std::numeric_limits<float>::infinity()) return side + 1;
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const float la = lse_a[r], lb = lse_b[r];
+    float m = std::max(la, lb);
+    if (std::isinf(m)) m = 0.0f;  // both sides empty (-inf): exp() gives 0 instead of NaN
+    const float wa = std::exp(la - m), wb = std::exp(lb - m);
+    const float total = wa + wb;
+    const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+    const float ca = wa * inv, cb = wb * inv;
+    const float* a = out_a + r * head_dim;
+    const float* b = out_b + r * head_dim;
+    float* o = out + r * head_dim;
+    for (int64_t d = 0; d < head_dim; ++d) o[d] = a[d] * ca + b[d] * cb;
+    lse[r] = m + std::log(total);
+  }
+  return 0;
+}
+
 }  // namespace kcore

@@ -46,4 +46,13 @@ struct MemoryAttentionArgs {
 // Throws kcore::InvalidInput on inconsistent sizes. Multithreaded with parallel_for.
 void memory_attention_forward(const MemoryAttentionArgs& args);
 
+// Merges two attentions over disjoint key sets into the attention over their union (FlashInfer's
+// merge_state, natural log): with lse = log(exp(lse_a) + exp(lse_b)),
+// out = exp(lse_a - lse) * out_a + exp(lse_b - lse) * out_b. out_a / out_b / out: (rows, head_dim),
+// lse_a / lse_b / lse: (rows), all float32 contiguous; out may alias out_a or out_b. A side with
+// lse -inf contributes nothing; both -inf give zeros and -inf. Returns 0, or 1 / 2 when lse_a /
+// lse_b holds NaN or +inf (then nothing is written). Single-threaded: rows are few (decode).
+int merge_attention_states_f32(const float* out_a, const float* lse_a, const float* out_b, const float* lse_b,
+                               int64_t rows, int64_t head_dim, float* out, float* lse);
+
 }  // namespace kcore

@@ -74,8 +74,10 @@ class MemoryAttentionHandle:
         self._first_layer = min(layers)
         self._previous = model.config._attn_implementation
         self._cache: Dict[tuple, tuple] = {}
-        # steps[i][layer] = (indices (batch, num_q_heads, k), weights (batch, num_q_heads, k)) of
-        # the last query position of forward call i: the one that predicts generated token i.
+        # steps[i][layer] = (indices (batch, num_q_heads, k), query (batch, num_q_heads, head_dim),
+        # joint lse (batch, num_q_heads), scale) at the last query position of forward call i (the
+        # one that predicts generated token i). The attention weights are computed from these only
+        # when citations() is called: doing it at every layer and step cost ~3 ms per token.
         self._steps: List[Dict[int, tuple]] = []
         self.enabled = True
 
@@ -108,9 +110,15 @@ class MemoryAttentionHandle:
         bank = self.bank
         batch = next(iter(self._steps[0].values()))[0].shape[0] if self._steps[0] else 0
         result: List[List[List[Citation]]] = [[] for _ in range(batch)]
+        keys: Dict[int, torch.Tensor] = {}  # per layer, fetched once per call (int8: dequantised once)
         for step in self._steps:
+            weighted = {}
+            for layer, (i, q, lse, scale) in step.items():
+                if layer not in keys:
+                    keys[layer] = bank.keys(layer).to(q.device)
+                weighted[layer] = (i, self._weights(q, keys[layer], i, lse, scale))
             for row in range(batch):
-                result[row].append(self._step_citations(step, row, top, context_tokens, skip_leading) if bank.mem_len else [])
+                result[row].append(self._step_citations(weighted, row, top, context_tokens, skip_leading) if bank.mem_len else [])
         return result
 
     def reset(self) -> None:
@@ -213,20 +221,20 @@ class MemoryAttentionHandle:
         )
         out, lse = merge_attention_states(out_c, lse_c, out_m, lse_m)
         if self.record_citations and self._steps and idx.shape[-1] > 0:
-            self._steps[-1][layer] = self._last_position_weights(query, mk, idx, lse, scale)
+            # Copies of the last position only (views would keep the whole prefill alive).
+            self._steps[-1][layer] = (idx[:, :, -1].clone(), query[:, :, -1].clone(), lse[:, :, -1].clone(), scale)
         return out.transpose(1, 2).contiguous(), None
 
     @staticmethod
-    def _last_position_weights(query, mem_keys, idx, lse, scale):
-        """Joint-softmax probabilities of the selected memories at the last query position."""
-        q = query[:, :, -1].float()  # (batch, num_q_heads, head_dim)
-        i = idx[:, :, -1]  # (batch, num_q_heads, k)
+    def _weights(q, mem_keys, i, lse, scale):
+        """Joint-softmax probabilities ``(batch, num_q_heads, k)`` of the selected memories ``i``
+        for queries ``q`` ``(batch, num_q_heads, head_dim)`` with joint log-sum-exp ``lse``."""
+        q = q.float()
         hq, hkv = q.shape[1], mem_keys.shape[0]
         kv_head = (torch.arange(hq, device=q.device) // (hq // hkv)).view(1, hq, 1)
         k_sel = mem_keys[kv_head, i.clamp_min(0)].float()  # (batch, num_q_heads, k, head_dim)
         logits = (k_sel * q.unsqueeze(2)).sum(-1) * scale
-        w = torch.exp(logits - lse[:, :, -1:].float()).masked_fill(i < 0, 0.0)
-        return i.detach(), w.detach()
+        return torch.exp(logits - lse.float().unsqueeze(-1)).masked_fill(i < 0, 0.0)
 
 
 def context_attention(query, key, value, attention_mask, scale):
