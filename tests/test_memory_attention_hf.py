@@ -239,3 +239,29 @@ def test_smollm2_memory_generate_with_citations(smollm2):
     assert len(cites[0]) == out.shape[1] - n
     assert all(c.document == 0 and c.text == doc[c.start : c.end] for step in cites[0] for c in step)
     assert "Quenth" in tok.decode(out[0, n:])
+
+
+def test_int8_bank_stays_int8_and_equals_its_dequantised_copy(model, tok):
+    q8 = MemoryBank.build(model, tok, DOCS, window=12, stride=4, dtype=torch.float32, quantization="int8", progress=False)
+    # The same memory as plain float32 tensors (int8 row * scale), through the float path.
+    deq = MemoryBank(
+        keys={l: q8.keys(l) for l in q8.layers}, values={l: q8.values(l) for l in q8.layers},
+        token_map=q8.token_map, documents=q8.documents, num_kv_heads=q8.num_kv_heads, head_dim=q8.head_dim,
+        dtype=torch.float32,
+    )
+    inputs = padded(tok, PROMPTS)
+    with torch.no_grad():
+        with enable_memory_attention(model, deq, topk=4) as h:
+            want = model(**inputs).logits
+            want_cites = h.citations(top=3)
+        with enable_memory_attention(model, q8, topk=4) as h:
+            got = model(**inputs).logits
+            got_cites = h.citations(top=3)
+            # What the hook holds for the op: the stored int8 tensors, not a dequantised copy.
+            k, v, _, ks, vs = h._memory(0, torch.device("cpu"))
+            assert k.dtype == v.dtype == torch.int8 and ks.dtype == torch.float32
+    valid = inputs["attention_mask"].bool()
+    torch.testing.assert_close(got[valid], want[valid], atol=1e-5, rtol=1e-5)
+    assert [[c.index for c in s] for r in got_cites for s in r] == [[c.index for c in s] for r in want_cites for s in r]
+    with pytest.raises(InvalidInputError, match="int8"):
+        deq.quantized(0)

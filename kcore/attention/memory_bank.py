@@ -179,6 +179,20 @@ class MemoryBank:
             return _dequantize_int8(self._values[layer], self._value_scales[layer], self.dtype)
         return self._values[layer]
 
+    def quantized(self, layer: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """An int8 bank's stored layer ``layer``: ``(keys, values)`` int8 ``(num_kv_heads,
+        mem_len, head_dim)`` and ``(key_scales, value_scales)`` float32 ``(num_kv_heads,
+        mem_len)``, row = int8 row * scale (what :func:`kcore.ops.memory_attention` takes as
+        ``mem_key_scales`` / ``mem_value_scales``).
+
+        Raises:
+            InvalidInputError: the bank is not int8, or ``layer`` is not in it.
+        """
+        self._check_layer(layer)
+        if self._key_scales is None:
+            raise InvalidInputError(f"quantized() is for int8 banks; this bank stores {self.dtype}")
+        return self._keys[layer], self._values[layer], self._key_scales[layer], self._value_scales[layer]
+
     def keys_normed(self, layer: int) -> torch.Tensor:
         """Unit-normalised keys of layer ``layer`` for the cosine top-k selection, same shape and
         dtype as :meth:`keys`; computed once per layer and kept (not stored in the file)."""

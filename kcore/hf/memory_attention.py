@@ -149,11 +149,18 @@ class MemoryAttentionHandle:
     # -------------------------------------------------------------- internals
 
     def _memory(self, layer: int, device: torch.device):
-        """(keys, values, keys_normed) of ``layer`` on ``device``, prepared once."""
+        """(keys, values, keys_normed, key_scales, value_scales) of ``layer`` on ``device``,
+        prepared once. An int8 bank stays int8 (scales given; the op dequantises only the k
+        selected rows), so it holds 4 bytes per element with the normalised keys, not 6."""
         key = (layer, device)
         if key not in self._cache:
             b = self.bank
-            self._cache[key] = tuple(t.to(device) for t in (b.keys(layer), b.values(layer), b.keys_normed(layer)))
+            if b.quantization == "int8":
+                parts = b.quantized(layer) + (b.keys_normed(layer),)
+                k8, v8, ks, vs, kn = (t.to(device) for t in parts)
+                self._cache[key] = (k8, v8, kn, ks, vs)
+            else:
+                self._cache[key] = tuple(t.to(device) for t in (b.keys(layer), b.values(layer), b.keys_normed(layer))) + (None, None)
         return self._cache[key]
 
     def _leading_mask(self, skip_leading: int) -> torch.Tensor:
@@ -214,10 +221,11 @@ class MemoryAttentionHandle:
             if q_len == kv_len:
                 self._steps = []
             self._steps.append({})
-        mk, mv, mkn = self._memory(layer, query.device)
+        mk, mv, mkn, k_scales, v_scales = self._memory(layer, query.device)
         out_m, lse_m, idx = memory_attention(
             query, mk, mv, topk=self.topk, scale=scale, mem_keys_normed=mkn,
-            similarity_threshold=self.similarity_threshold, backend=self.backend,
+            similarity_threshold=self.similarity_threshold, mem_key_scales=k_scales, mem_value_scales=v_scales,
+            backend=self.backend,
         )
         out, lse = merge_attention_states(out_c, lse_c, out_m, lse_m)
         if self.record_citations and self._steps and idx.shape[-1] > 0:
