@@ -161,6 +161,34 @@ def test_parallel_backend_is_the_host_openmp_team_when_torch_loaded_one():
     assert r.stdout.strip() == "kcore-pool"
 
 
+def test_fork_child_of_a_torch_openmp_user_does_not_hang():
+    # torch's OpenMP team runs in the parent before kcore's native module is loaded at all; the
+    # child loads it after fork(). libgomp's team does not survive fork (GOMP_parallel would wait
+    # for workers that do not exist; torch's own matmul hangs in such a child too, so the
+    # reference is computed before the fork), so the child must use kcore's own pool.
+    code = textwrap.dedent("""
+    import os, torch
+    keys, q = torch.randn(100_000, 64), torch.randn(4, 64)
+    ref = (q @ keys.T).topk(10).indices
+    pid = os.fork()
+    if pid == 0:
+        from kcore._native import native
+        from kcore.ops import knn_search
+        ok = torch.equal(knn_search(q, keys, 10, backend="cpu", metric="ip")[1], ref)
+        print("child", native().parallel_backend(), ok, flush=True)
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    from kcore._native import native
+    print("parent", native().parallel_backend(), status)
+    """)
+    env = dict(os.environ, KCORE_NUM_THREADS="4")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.split("\n")
+    assert "child kcore-pool True" in lines
+    assert f"parent {'host-openmp' if _openmp_loaded() else 'kcore-pool'} 0" in lines
+
+
 # Both thread backends: the host's OpenMP team (torch's libgomp) and kcore's own pool.
 BACKENDS = pytest.mark.parametrize("host_openmp", ["1", "0"])
 

@@ -9,6 +9,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstddef>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
@@ -184,9 +185,8 @@ Pool* get_pool() {
 using GompParallelFn = void (*)(void (*)(void*), void*, unsigned, unsigned);
 
 struct HostOpenMP {
-  GompParallelFn parallel;
-  pid_t pid;  // the process that found it: a forked child must not use it (libgomp's workers are
-              // not fork-safe; the child uses kcore's pool, which is)
+  GompParallelFn parallel;  // null: found, but not to be used by this process (a forked child)
+  pid_t pid;                // the process that decided: a forked child decides again
 };
 
 std::atomic<HostOpenMP*> g_host_omp{nullptr};
@@ -225,6 +225,31 @@ int probe_object(struct dl_phdr_info* info, size_t size, void* data) {
   return 0;
 }
 
+// The lines of /proc/<pid>/maps that map `path`; false if the file cannot be read.
+bool mappings_of(const std::string& pid, const std::string& path, std::vector<std::string>& out) {
+  std::FILE* f = std::fopen(("/proc/" + pid + "/maps").c_str(), "r");
+  if (f == nullptr) return false;
+  char line[4096];
+  while (std::fgets(line, sizeof line, f)) {
+    if (std::strstr(line, path.c_str())) out.emplace_back(line);
+  }
+  std::fclose(f);
+  return true;
+}
+
+// True when this process may be a fork() child of a process that had the OpenMP runtime loaded:
+// libgomp does not survive fork() after it started its workers (GOMP_parallel then waits forever
+// for threads that do not exist in the child), and PyTorch marks such children itself but says
+// so to no one. A child made by fork() alone maps every library at the parent's addresses, while
+// a new program (exec) gets its own (ASLR): the same mappings in the parent mean a fork child.
+// If the parent's maps cannot be read, assume the worst.
+bool maybe_forked_from_openmp_user(const std::string& path) {
+  std::vector<std::string> mine, parents;
+  if (!mappings_of("self", path, mine) || mine.empty()) return true;
+  if (!mappings_of(std::to_string(getppid()), path, parents)) return true;
+  return parents == mine;
+}
+
 bool host_openmp_allowed() {
   static const bool allowed = [] {
     const char* env = std::getenv("KCORE_HOST_OPENMP");
@@ -233,24 +258,36 @@ bool host_openmp_allowed() {
   return allowed;
 }
 
+void probe_lock() { g_probe_mutex.lock(); }
+void probe_unlock() { g_probe_mutex.unlock(); }
+
 const HostOpenMP* host_openmp() {
   if (!host_openmp_allowed()) return nullptr;
+  // No thread may hold the probe lock across fork(): the child takes it to decide again.
+  static const int atfork = pthread_atfork(probe_lock, probe_unlock, probe_unlock);
+  (void)atfork;
+  const pid_t pid = getpid();
   HostOpenMP* h = g_host_omp.load(std::memory_order_acquire);
-  if (h == nullptr) {
+  if (h == nullptr || h->pid != pid) {
     std::lock_guard<std::mutex> lock(g_probe_mutex);
     h = g_host_omp.load(std::memory_order_acquire);
-    if (h == nullptr) {
+    if (h != nullptr && h->pid != pid) {
+      // Decided by the parent before this process forked: never use the parent's team here.
+      h = new HostOpenMP{nullptr, pid};  // the parent's record is leaked (its owner is gone)
+      g_host_omp.store(h, std::memory_order_release);
+    } else if (h == nullptr) {
       ProbeState st;
       dl_iterate_phdr(probe_object, &st);
-      if (st.path.empty()) return nullptr;
+      if (st.path.empty()) return nullptr;  // none loaded yet: probed again once a library loads
       void* lib = dlopen(st.path.c_str(), RTLD_LAZY | RTLD_NOLOAD);  // already loaded: no side effect
       void* sym = lib ? dlsym(lib, "GOMP_parallel") : nullptr;
-      if (sym == nullptr) return nullptr;
-      h = new HostOpenMP{reinterpret_cast<GompParallelFn>(sym), getpid()};  // kept for the process
+      GompParallelFn fn = reinterpret_cast<GompParallelFn>(sym);
+      if (fn != nullptr && maybe_forked_from_openmp_user(st.path)) fn = nullptr;
+      h = new HostOpenMP{fn, pid};  // kept for the process
       g_host_omp.store(h, std::memory_order_release);
     }
   }
-  return h->pid == getpid() ? h : nullptr;
+  return h->parallel != nullptr ? h : nullptr;
 }
 
 struct OmpJob {
