@@ -265,3 +265,25 @@ def test_int8_bank_stays_int8_and_equals_its_dequantised_copy(model, tok):
     assert [[c.index for c in s] for r in got_cites for s in r] == [[c.index for c in s] for r in want_cites for s in r]
     with pytest.raises(InvalidInputError, match="int8"):
         deq.quantized(0)
+
+
+def test_hook_runs_the_kernels_on_the_host_openmp_team(model, tok, bank, monkeypatch):
+    # Inside the model's forward pass torch's OpenMP workers are started and spinning: the hook
+    # opens a host-OpenMP scope so kcore's kernels run on them instead of competing for the cores.
+    import kcore.ops.memory_attn as ops
+    from kcore._native import native
+
+    seen = []
+    real = ops.memory_attention
+
+    def spy(*args, **kwargs):
+        seen.append(native().parallel_backend())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "memory_attention", spy)
+    with open("/proc/self/maps") as f:
+        loaded = any(n.rsplit("/", 1)[-1].startswith(("libgomp", "libiomp5", "libomp.")) for n in (l.split()[-1] for l in f))
+    with torch.no_grad(), enable_memory_attention(model, bank, topk=4):
+        model(**padded(tok, PROMPTS))
+    assert seen and set(seen) == {"host-openmp" if loaded else "kcore-pool"}
+    assert native().parallel_backend() == "kcore-pool"  # the scope ends with the call

@@ -8,6 +8,7 @@ process exiting right after a parallel call must neither hang nor crash.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import pytest
 import torch
 
 import kcore
+from kcore._native import host_openmp_scope, native
 from kcore.ops import apply_token_bitmask_, knn_search
 from kcore.ops.memory_attn import memory_attention
 from kcore.trie import FactTrie
@@ -90,9 +92,19 @@ def _check_once(c, expected):
     assert torch.equal(logits, masked)
 
 
-def test_ops_match_references_from_eight_threads(cases):
+def _scope(host_openmp: bool):
+    return host_openmp_scope() if host_openmp else contextlib.nullcontext()
+
+
+# In-process: kcore's pool (default outside kcore's hooks) and the host OpenMP team (in a scope).
+SCOPES = pytest.mark.parametrize("in_scope", [False, True], ids=["kcore-pool", "host-openmp-scope"])
+
+
+@SCOPES
+def test_ops_match_references_from_eight_threads(cases, in_scope):
     expected = _expected(cases)
-    _check_once(cases, expected)  # single caller first: the pool gets every chunk
+    with _scope(in_scope):
+        _check_once(cases, expected)  # single caller first: the pool gets every chunk
     errors: list = []
     barrier = threading.Barrier(8)
 
@@ -100,7 +112,8 @@ def test_ops_match_references_from_eight_threads(cases):
         try:
             barrier.wait()
             for _ in range(3):
-                _check_once(cases, expected)
+                with _scope(in_scope):
+                    _check_once(cases, expected)
         except BaseException as e:  # noqa: BLE001 - reported by the main thread below
             errors.append(e)
 
@@ -113,11 +126,12 @@ def test_ops_match_references_from_eight_threads(cases):
     assert not errors, errors
 
 
-def test_chunk_exception_reaches_caller_and_pool_survives(cases):
+@SCOPES
+def test_chunk_exception_reaches_caller_and_pool_survives(cases, in_scope):
     trie, states, tokens = cases["trie"], cases["states"].copy(), cases["tokens"]
     states[-1] = -7  # not a state: thrown inside the last chunk
     for _ in range(3):
-        with pytest.raises(kcore.InvalidInputError, match="not a state"):
+        with _scope(in_scope), pytest.raises(kcore.InvalidInputError, match="not a state"):
             trie.step(states, tokens)
     expected = np.array([trie.step([s], [t])[0] for s, t in zip(cases["states"][:64], tokens[:64])])
     assert np.array_equal(trie.step(cases["states"], tokens)[:64], expected)
@@ -149,16 +163,25 @@ def _openmp_loaded() -> bool:
     return any(n.startswith(("libgomp", "libiomp5", "libomp.")) for n in names)
 
 
-def test_parallel_backend_is_the_host_openmp_team_when_torch_loaded_one():
-    # torch is imported here; with its OpenMP runtime loaded the kernels run on that team (its
-    # workers would otherwise spin on the cores kcore's pool needs), unless turned off.
-    from kcore._native import native
-
-    expected = "host-openmp" if _openmp_loaded() else "kcore-pool"
-    assert native().parallel_backend() == expected
-    r = _run_child("from kcore._native import native; print(native().parallel_backend())\n", 60, host_openmp="0")
+def test_parallel_backend_modes():
+    # Default: kcore's pool, except inside a host-OpenMP scope (kcore's HF hooks open one), where
+    # the kernels run on torch's OpenMP team if one is loaded (its workers would otherwise spin
+    # on the cores the pool needs). KCORE_HOST_OPENMP=0: never; =1: everywhere.
+    team = "host-openmp" if _openmp_loaded() else "kcore-pool"
+    assert native().parallel_backend() == "kcore-pool"
+    with host_openmp_scope():
+        assert native().parallel_backend() == team
+        with host_openmp_scope():  # scopes nest
+            pass
+        assert native().parallel_backend() == team
+    assert native().parallel_backend() == "kcore-pool"
+    code = "from kcore._native import native, host_openmp_scope\nwith host_openmp_scope(): print(native().parallel_backend())\nprint(native().parallel_backend())\n"
+    r = _run_child(code, 60, host_openmp="0")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "kcore-pool"
+    assert r.stdout.split() == ["kcore-pool", "kcore-pool"]
+    r = _run_child(code, 60, host_openmp="1")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [team, team]
 
 
 def test_fork_child_of_a_torch_openmp_user_does_not_hang():
@@ -181,7 +204,7 @@ def test_fork_child_of_a_torch_openmp_user_does_not_hang():
     from kcore._native import native
     print("parent", native().parallel_backend(), status)
     """)
-    env = dict(os.environ, KCORE_NUM_THREADS="4")
+    env = dict(os.environ, KCORE_NUM_THREADS="4", KCORE_HOST_OPENMP="1")  # the team everywhere
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.split("\n")

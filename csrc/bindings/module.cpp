@@ -29,8 +29,12 @@ PYBIND11_MODULE(_C, m) {
     }
   });
   m.def("parallel_backend", &kcore::parallel_backend,
-        "What the CPU kernels' threads run on: 'host-openmp' (the process's OpenMP team, e.g. "
-        "PyTorch's) or 'kcore-pool'.");
+        "What the calling thread's CPU kernels would run on now: 'host-openmp' (the process's OpenMP "
+        "team, e.g. PyTorch's) or 'kcore-pool'.");
+  m.def("enter_host_openmp_scope", &kcore::enter_host_openmp_scope,
+        "Until the matching exit, this thread's CPU kernels run on the host's OpenMP team when one is loaded "
+        "(unless KCORE_HOST_OPENMP=0). Scopes nest.");
+  m.def("exit_host_openmp_scope", &kcore::exit_host_openmp_scope, "Close one enter_host_openmp_scope().");
   m.def("num_threads", &kcore::num_threads, "Threads the CPU kernels may use ($KCORE_NUM_THREADS or the core count).");
   kcore::bindings::register_trie(m);
   kcore::bindings::register_bitmask(m);

@@ -180,7 +180,7 @@ Pool* get_pool() {
 // libgomp, or libiomp5 / libomp, which export the same GOMP_parallel entry point), kcore runs its
 // chunks on that runtime's team, the very threads that are spinning, and uses its own pool
 // only otherwise. Found at run time with dl_iterate_phdr + dlsym (nothing linked): the wheel keeps
-// no OpenMP dependency and works without torch. $KCORE_HOST_OPENMP=0 turns this off.
+// no OpenMP dependency and works without torch. When it applies: host_mode() below.
 
 using GompParallelFn = void (*)(void (*)(void*), void*, unsigned, unsigned);
 
@@ -250,12 +250,28 @@ bool maybe_forked_from_openmp_user(const std::string& path) {
   return parents == mine;
 }
 
-bool host_openmp_allowed() {
-  static const bool allowed = [] {
+// $KCORE_HOST_OPENMP: "0" never, "1" always, anything else (default) only inside a
+// HostOpenMPScope. The default keeps kcore from being the one that starts libgomp's workers: a
+// process whose workers were started and which then forks cannot use torch in the child
+// (libgomp hangs there). Inside the scopes (kcore's Hugging Face hooks, which run during or right
+// after the model's forward pass) torch has already started them.
+enum class HostMode { never, scoped, always };
+
+HostMode host_mode() {
+  static const HostMode mode = [] {
     const char* env = std::getenv("KCORE_HOST_OPENMP");
-    return !(env && std::strcmp(env, "0") == 0);
+    if (env && std::strcmp(env, "0") == 0) return HostMode::never;
+    if (env && std::strcmp(env, "1") == 0) return HostMode::always;
+    return HostMode::scoped;
   }();
-  return allowed;
+  return mode;
+}
+
+thread_local int t_host_scope = 0;
+
+bool host_openmp_allowed() {
+  const HostMode mode = host_mode();
+  return mode == HostMode::always || (mode == HostMode::scoped && t_host_scope > 0);
 }
 
 void probe_lock() { g_probe_mutex.lock(); }
@@ -319,6 +335,11 @@ void omp_team_body(void* data) {
 }
 
 }  // namespace
+
+void enter_host_openmp_scope() { ++t_host_scope; }
+void exit_host_openmp_scope() {
+  if (t_host_scope > 0) --t_host_scope;
+}
 
 const char* parallel_backend() {
   return host_openmp() ? "host-openmp" : "kcore-pool";

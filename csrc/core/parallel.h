@@ -16,11 +16,16 @@ int num_threads();
 // from inside a chunk (nested), or when another thread's call holds the pool. The first exception
 // thrown by a chunk is rethrown to the caller after all chunks finish. Fork-safe: a forked child
 // starts a fresh pool.
-// When the process has an OpenMP runtime loaded (PyTorch's libgomp), the chunks run on its
-// team instead of kcore's pool (see parallel.cpp for why); $KCORE_HOST_OPENMP=0 disables that.
+// Inside a host-OpenMP scope of the calling thread (or everywhere with $KCORE_HOST_OPENMP=1; never
+// with =0), when the process has an OpenMP runtime loaded (PyTorch's libgomp), the chunks run on
+// its team instead of kcore's pool: see parallel.cpp for why and when.
 void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
 
-// "host-openmp" or "kcore-pool": what the next parallel_for from this process would run on.
+// Scopes nest per thread; kcore's Hugging Face hooks open one around their native calls.
+void enter_host_openmp_scope();
+void exit_host_openmp_scope();
+
+// "host-openmp" or "kcore-pool": what the next parallel_for of the calling thread would run on.
 const char* parallel_backend();
 
 }  // namespace kcore

@@ -31,6 +31,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from kcore._native import host_openmp_scope
 from kcore.errors import InvalidInputError, TokenizerMismatchError
 
 __all__ = ["FactLogitsProcessor", "prefix_allowed_tokens_fn", "extract_facts", "WrittenFact", "trigger_token_sequences"]
@@ -445,6 +446,11 @@ class FactLogitsProcessor(_LogitsProcessorBase):
 
     # Call ---------------------------------------------------------------------------------
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        # Runs right after the model's forward pass: the native kernels use torch's OpenMP team.
+        with host_openmp_scope():
+            return self._call(input_ids, scores)
+
+    def _call(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         ishape, sshape = input_ids.shape, scores.shape
         if len(ishape) != 2 or len(sshape) != 2 or ishape[0] != sshape[0]:
             raise InvalidInputError(

@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from kcore._native import host_openmp_scope
 from kcore.errors import InvalidInputError
 from kcore.memory.datastore import key_module
 
@@ -151,6 +152,11 @@ class KNNLMLogitsProcessor(_Base):
         return 0.0 if self.total_rows == 0 else 1.0 - self.searched_rows / self.total_rows
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        # Runs right after the model's forward pass: the native kernels use torch's OpenMP team.
+        with host_openmp_scope():
+            return self._call(input_ids, scores)
+
+    def _call(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         from kcore.ops import knn_interpolate
 
         batch = scores.shape[0]

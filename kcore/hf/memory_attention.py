@@ -21,6 +21,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from kcore._native import host_openmp_scope
 from kcore.errors import InvalidInputError
 
 __all__ = ["enable_memory_attention", "MemoryAttentionHandle", "Citation"]
@@ -207,6 +208,10 @@ class MemoryAttentionHandle:
         ``(batch, 1, q_len, >= kv_len)`` bool (True = attend) or additive float. Returns
         ``(out (batch, q_len, num_q_heads, head_dim), None)``. Inference only (no dropout).
         """
+        with host_openmp_scope():
+            return self._attention(module, query, key, value, attention_mask, scaling)
+
+    def _attention(self, module, query, key, value, attention_mask, scaling):
         from kcore.ops.memory_attn import memory_attention, merge_attention_states
 
         layer = int(module.layer_idx)
