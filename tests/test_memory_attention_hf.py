@@ -203,9 +203,10 @@ def test_context_attention_matches_softmax_with_lse():
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)
     assert torch.isneginf(lse[1, :, 2]).all() and (out[1, :, 2] == 0).all()
-    # No mask and q_len > 1: causal, queries are the last positions.
+    # No mask and q_len > 1: causal aligned top-left, as SDPA's is_causal (transformers passes no
+    # mask with q_len < kv_len only for a prefill into an empty static cache).
     out, lse = context_attention(q, k, v, None, 0.4)
-    causal = torch.ones(3, 7, dtype=torch.bool).tril(4)
+    causal = torch.ones(3, 7, dtype=torch.bool).tril(0)
     logits = (q @ k.repeat_interleave(3, 1).transpose(-1, -2) * 0.4).masked_fill(~causal, -math.inf)
     torch.testing.assert_close(out, torch.softmax(logits, -1) @ v.repeat_interleave(3, 1), atol=1e-5, rtol=1e-5)
 
@@ -287,3 +288,47 @@ def test_hook_runs_the_kernels_on_the_host_openmp_team(model, tok, bank, monkeyp
         model(**padded(tok, PROMPTS))
     assert seen and set(seen) == {"host-openmp" if loaded else "kcore-pool"}
     assert native().parallel_backend() == "kcore-pool"  # the scope ends with the call
+
+
+def test_one_handle_at_a_time_and_bad_backend_refused_up_front(model, tok, bank):
+    h1 = enable_memory_attention(model, bank, topk=4)
+    try:
+        with pytest.raises(InvalidInputError, match="already enabled"):
+            enable_memory_attention(model, bank, topk=8)
+    finally:
+        h1.disable()
+    assert model.config._attn_implementation == "sdpa"
+    with pytest.raises(InvalidInputError, match="backend"):
+        enable_memory_attention(model, bank, backend="bogus")
+    assert model.config._attn_implementation == "sdpa"
+    enable_memory_attention(model, bank, topk=4).disable()  # usable again
+
+
+def test_citations_follow_each_generate_with_a_static_cache(model, tok, bank):
+    inputs = tok(["what is the capital of zorbia"], return_tensors="pt")
+    with torch.no_grad(), enable_memory_attention(model, bank, topk=4) as h:
+        for n in (4, 6):
+            out = generate(model, inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, cache_implementation="static")
+            assert out.shape[1] - inputs["input_ids"].shape[1] == n
+            assert len(h.citations()[0]) == n  # step i = generated token i, not the previous call's steps
+            # The static cache's unwritten slots are never attended: same tokens as a dynamic cache.
+            dyn = generate(model, inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+            assert torch.equal(out, dyn)
+
+
+def test_empty_bank_citations_have_one_empty_list_per_row_and_step(model, tok):
+    inputs = padded(tok, PROMPTS[:2])
+    with torch.no_grad(), enable_memory_attention(model, MemoryBank.empty(model, dtype=torch.float32), topk=4) as h:
+        generate(model, inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+        assert h.citations() == [[[], [], []], [[], [], []]]
+
+
+@pytest.mark.slow
+def test_cli_memory_generate_takes_the_prompt_after_memory_files(tmp_path, capsys):
+    # `--memory FILE...` takes several files; the prompt written after them must not be swallowed.
+    from kcore.cli import main
+
+    doc = tmp_path / "zorbia.txt"
+    doc.write_text("The capital of Zorbia is Quenthaville.")
+    assert main(["memory-generate", "--memory", str(doc), "What is the capital of Zorbia?", "--max-new-tokens", "6", "--window", "64", "--stride", "32"]) == 0
+    assert "Quenth" in capsys.readouterr().out

@@ -203,3 +203,44 @@ def test_concatenate_refuses_mismatched_banks(model, tok):
     mixed = MemoryBank.concatenate([a, MemoryBank.build(model, tok, DOCS[1:2], window=16, stride=4, progress=False, sink_token=None)])
     assert (mixed.window, mixed.stride, mixed.sink_token) == (0, 4, None)
     assert MemoryBank.concatenate([a, a]).sink_token == 2
+
+
+def test_empty_banks_combine_with_built_ones(model, tok, tmp_path):
+    a = MemoryBank.build(model, tok, DOCS, window=8, stride=4, progress=False)
+    for empty in (MemoryBank.empty(model), MemoryBank.empty(model, tokenizer=tok)):
+        for banks in ([empty, a], [a, empty]):
+            cat = MemoryBank.concatenate(banks)
+            assert cat.mem_len == a.mem_len and cat.tokenizer_fingerprint == a.tokenizer_fingerprint
+            assert torch.equal(cat.keys(1), a.keys(1)) and torch.equal(cat.token_map, a.token_map)
+    q8 = MemoryBank.build(model, tok, DOCS, window=8, stride=4, quantization="int8", progress=False)
+    assert MemoryBank.concatenate([MemoryBank.empty(model, quantization="int8"), q8]).mem_len == q8.mem_len
+    # Saved without a tokenizer, an empty bank loads with one (it holds no token to mismatch).
+    MemoryBank.empty(model).save(tmp_path / "e.safetensors")
+    assert MemoryBank.load(tmp_path / "e.safetensors", tokenizer=tok, model=model).mem_len == 0
+    with pytest.raises(InvalidInputError, match="layers"):
+        MemoryBank.empty(model, layers=[99])
+    with pytest.raises(InvalidInputError, match="dtype"):
+        a.to(torch.float32)
+
+
+def test_saved_bank_has_ordinary_file_permissions(model, tok, tmp_path):
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        MemoryBank.build(model, tok, DOCS[:1], window=8, stride=4, progress=False).save(tmp_path / "b.safetensors")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "b.safetensors").stat().st_mode) == 0o644
+
+
+def test_bad_quantization_or_dtype_refused_before_reading_documents(model, tok, monkeypatch):
+    def no_forward(*a, **k):
+        raise AssertionError("the model ran before the arguments were checked")
+
+    monkeypatch.setattr(model, "forward", no_forward)
+    with pytest.raises(InvalidInputError, match="quantization"):
+        MemoryBank.build(model, tok, DOCS, window=8, stride=4, quantization="int4", progress=False)
+    with pytest.raises(InvalidInputError, match="dtype"):
+        MemoryBank.build(model, tok, DOCS, window=8, stride=4, dtype=torch.float64, progress=False)

@@ -176,12 +176,13 @@ def test_parallel_backend_modes():
         assert native().parallel_backend() == team
     assert native().parallel_backend() == "kcore-pool"
     code = "from kcore._native import native, host_openmp_scope\nwith host_openmp_scope(): print(native().parallel_backend())\nprint(native().parallel_backend())\n"
-    r = _run_child(code, 60, host_openmp="0")
+    for value, want in (("0", "kcore-pool"), ("off", "kcore-pool"), ("1", team), ("true", team)):
+        r = _run_child(code, 60, host_openmp=value)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.split() == [want, want], value
+    r = _run_child(code, 60, host_openmp="auto")  # anything else: the default
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == ["kcore-pool", "kcore-pool"]
-    r = _run_child(code, 60, host_openmp="1")
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == [team, team]
+    assert r.stdout.split() == [team, "kcore-pool"]
 
 
 def test_fork_child_of_a_torch_openmp_user_does_not_hang():

@@ -260,9 +260,14 @@ enum class HostMode { never, scoped, always };
 HostMode host_mode() {
   static const HostMode mode = [] {
     const char* env = std::getenv("KCORE_HOST_OPENMP");
-    if (env && std::strcmp(env, "0") == 0) return HostMode::never;
-    if (env && std::strcmp(env, "1") == 0) return HostMode::always;
-    return HostMode::scoped;
+    if (env == nullptr) return HostMode::scoped;
+    for (const char* off : {"0", "false", "no", "off", "FALSE", "False", "NO", "OFF"}) {
+      if (std::strcmp(env, off) == 0) return HostMode::never;
+    }
+    for (const char* on : {"1", "true", "yes", "on", "TRUE", "True", "YES", "ON"}) {
+      if (std::strcmp(env, on) == 0) return HostMode::always;
+    }
+    return HostMode::scoped;  // unset or anything else: the default
   }();
   return mode;
 }

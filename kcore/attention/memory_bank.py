@@ -222,7 +222,10 @@ class MemoryBank:
         return total
 
     def to(self, device) -> "MemoryBank":
-        """Move the tensors to ``device`` (in place, returns ``self``); the token map stays on CPU."""
+        """Move the tensors to ``device`` (in place, returns ``self``); the token map stays on CPU.
+        Only the device changes: the storage dtype is set at :meth:`build`."""
+        if isinstance(device, torch.dtype):
+            raise InvalidInputError(f"MemoryBank.to() takes a device, got the dtype {device}; the dtype is chosen at build()")
         for store in (self._keys, self._values, self._key_scales, self._value_scales, self._normed):
             if store:
                 for k in list(store):
@@ -306,6 +309,10 @@ class MemoryBank:
                 raise InvalidInputError(f"{name} must be an int >= 1, got {v!r}")
         if stride > window:
             raise InvalidInputError(f"stride must be <= window ({window}), got {stride}")
+        if quantization not in _QUANTIZATIONS:
+            raise InvalidInputError(f"quantization must be one of {_QUANTIZATIONS}, got {quantization!r}")
+        if dtype not in _DTYPES.values():
+            raise InvalidInputError(f"dtype must be one of {tuple(_DTYPES.values())}, got {dtype}")
         sink = _sink_token_id(tokenizer, sink_token)
         vocab = model.get_input_embeddings().num_embeddings
         if sink is not None and sink >= vocab:
@@ -409,17 +416,42 @@ class MemoryBank:
         )
 
     @classmethod
-    def empty(cls, model, *, dtype: torch.dtype = torch.float16, layers: Optional[Iterable[int]] = None) -> "MemoryBank":
-        """A bank with no memory tokens for ``model`` (memory attention then equals plain attention)."""
+    def empty(
+        cls,
+        model,
+        *,
+        dtype: torch.dtype = torch.float16,
+        layers: Optional[Iterable[int]] = None,
+        tokenizer=None,
+        quantization: Optional[str] = None,
+    ) -> "MemoryBank":
+        """A bank with no memory tokens for ``model`` (memory attention then equals plain
+        attention). ``tokenizer`` records its fingerprint; ``quantization="int8"`` makes an int8
+        bank (both only matter to :meth:`concatenate` and :meth:`load`, which also accept an empty
+        bank without a fingerprint)."""
+        if quantization not in _QUANTIZATIONS:
+            raise InvalidInputError(f"quantization must be one of {_QUANTIZATIONS}, got {quantization!r}")
         modules = attention_modules(model)
         _, num_kv, head_dim = _model_shape(model)
         layers = sorted(modules) if layers is None else sorted(set(int(l) for l in layers))
+        bad = [l for l in layers if l not in modules]
+        if not layers or bad:
+            raise InvalidInputError(f"layers must be a non-empty subset of {sorted(modules)}, got {layers}")
         device = next(model.parameters()).device
-        z = {l: torch.zeros(num_kv, 0, head_dim, dtype=dtype, device=device) for l in layers}
+        store = torch.int8 if quantization == "int8" else dtype
+        z = {l: torch.zeros(num_kv, 0, head_dim, dtype=store, device=device) for l in layers}
+        scales = {l: torch.zeros(num_kv, 0, dtype=torch.float32, device=device) for l in layers} if quantization else None
+        fingerprint = ""
+        if tokenizer is not None:
+            from kcore.tokenizer import tokenizer_fingerprint
+
+            fingerprint = tokenizer_fingerprint(tokenizer)
         return cls(
             keys=z, values=dict(z), token_map=torch.zeros(0, 3, dtype=torch.int64), documents=[],
             num_kv_heads=num_kv, head_dim=head_dim, dtype=dtype,
             model_name=str(getattr(model.config, "name_or_path", "") or ""),
+            tokenizer_fingerprint=fingerprint, quantization=quantization,
+            key_scales=scales, value_scales=dict(scales) if scales else None,
         )
 
     @classmethod
@@ -441,8 +473,15 @@ class MemoryBank:
         if not banks or not all(isinstance(b, MemoryBank) for b in banks):
             raise InvalidInputError("concatenate needs a non-empty sequence of MemoryBank")
         first = banks[0]
+        # An empty bank made without a tokenizer holds no token to mismatch.
+        fingerprints = {b.tokenizer_fingerprint for b in banks if b.mem_len or b.tokenizer_fingerprint}
+        if len(fingerprints) > 1:
+            raise InvalidInputError(
+                "the banks were built with different tokenizers (fingerprints differ): "
+                "only banks built for the same model and settings can be concatenated"
+            )
         for i, b in enumerate(banks[1:], 1):
-            for attr in ("layers", "num_kv_heads", "head_dim", "dtype", "quantization", "tokenizer_fingerprint"):
+            for attr in ("layers", "num_kv_heads", "head_dim", "dtype", "quantization"):
                 if getattr(b, attr) != getattr(first, attr):
                     raise InvalidInputError(
                         f"banks[{i}].{attr} is {getattr(b, attr)!r}, banks[0].{attr} is {getattr(first, attr)!r}: "
@@ -472,7 +511,7 @@ class MemoryBank:
             head_dim=first.head_dim,
             dtype=first.dtype,
             model_name=same("model_name", ""),
-            tokenizer_fingerprint=first.tokenizer_fingerprint,
+            tokenizer_fingerprint=next(iter(fingerprints), ""),
             window=same("window", 0),
             stride=same("stride", 0),
             sink_token=same("sink_token", None),
@@ -513,12 +552,13 @@ class MemoryBank:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
         os.close(fd)
-        # mkstemp creates the file 0600; give the bank the permissions of an ordinary new file.
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
         try:
             save_file(tensors, tmp, metadata={"kcore": json.dumps(meta)})
+            # mkstemp (and safetensors, which recreates the file) make it 0600: give the bank the
+            # permissions of an ordinary new file.
+            os.chmod(tmp, 0o666 & ~umask)
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
@@ -570,7 +610,8 @@ class MemoryBank:
         if tokenizer is not None:
             from kcore.tokenizer import tokenizer_fingerprint
 
-            if tokenizer_fingerprint(tokenizer) != meta["tokenizer_fingerprint"]:
+            no_tokens = mem_len == 0 and not meta["tokenizer_fingerprint"]
+            if not no_tokens and tokenizer_fingerprint(tokenizer) != meta["tokenizer_fingerprint"]:
                 raise TokenizerMismatchError(f"memory bank {path} was built with another tokenizer (fingerprint differs)")
         if model is not None:
             n_layers, m_kv, m_hd = _model_shape(model)

@@ -19,7 +19,9 @@ def register(sub) -> None:
         help="generate with attention over a memory of documents (Extended Mind), print citations",
         description="Build (or load) a memory bank of documents and generate with memory attention.",
     )
-    p.add_argument("prompt", help="the user prompt")
+    # Optional here so that `--memory A B "prompt"` works: --memory takes several files and would
+    # swallow the prompt; run() then takes the last --memory item that is not a file as the prompt.
+    p.add_argument("prompt", nargs="?", help="the user prompt")
     p.add_argument("--memory", nargs="+", metavar="FILE", default=[], help="text files to put in memory")
     p.add_argument("--bank", metavar="FILE", help="a saved bank: loaded if --memory is not given, else written")
     p.add_argument("--model", help="local HF model folder or .gguf (default SmolLM2-135M-Instruct)")
@@ -41,6 +43,10 @@ def run(args) -> int:
     from kcore.hf import enable_memory_attention
     from kcore.models import load_model_and_tokenizer
 
+    if args.prompt is None and args.memory and not Path(args.memory[-1]).is_file():
+        args.prompt, args.memory = args.memory[-1], args.memory[:-1]
+    if args.prompt is None:
+        raise KcoreError("give the prompt: kcore memory-generate --memory FILE... \"prompt\"")
     if not args.memory and not args.bank:
         raise KcoreError("give --memory FILE... to build a memory, or --bank FILE to load one")
     model, tok = load_model_and_tokenizer(args.model)

@@ -80,6 +80,7 @@ class MemoryAttentionHandle:
         # one that predicts generated token i). The attention weights are computed from these only
         # when citations() is called: doing it at every layer and step cost ~3 ms per token.
         self._steps: List[Dict[int, tuple]] = []
+        self._batch = 0
         self.enabled = True
 
     # -------------------------------------------------------------- public
@@ -100,7 +101,10 @@ class MemoryAttentionHandle:
                 StreamingLLM): it draws attention whatever the query, so it cites nothing.
 
         Returns:
-            ``citations[row][step]``: a list of :class:`Citation`; empty if the bank is empty.
+            ``citations[row][step]``: a list of :class:`Citation` (empty lists if the bank is
+            empty). Rows are the model's batch rows at each step: with beam search or
+            ``num_return_sequences`` that is ``batch * beams`` rows, and beam search reorders them
+            between steps, so a row's steps need not follow one hypothesis.
         """
         if top < 1 or context_tokens < 0 or skip_leading < 0:
             raise InvalidInputError(
@@ -109,7 +113,7 @@ class MemoryAttentionHandle:
         if not self._steps:
             return []
         bank = self.bank
-        batch = next(iter(self._steps[0].values()))[0].shape[0] if self._steps[0] else 0
+        batch = self._batch
         result: List[List[List[Citation]]] = [[] for _ in range(batch)]
         keys: Dict[int, torch.Tensor] = {}  # per layer, fetched once per call (int8: dequantised once)
         for step in self._steps:
@@ -223,9 +227,10 @@ class MemoryAttentionHandle:
         if layer not in self.layers:
             return out_c.transpose(1, 2).contiguous(), None
         if layer == self._first_layer and self.record_citations:
-            if q_len == kv_len:
+            if _is_prefill(q_len, kv_len, attention_mask):
                 self._steps = []
             self._steps.append({})
+            self._batch = query.shape[0]
         mk, mv, mkn, k_scales, v_scales = self._memory(layer, query.device)
         out_m, lse_m, idx = memory_attention(
             query, mk, mv, topk=self.topk, scale=scale, mem_keys_normed=mkn,
@@ -250,6 +255,21 @@ class MemoryAttentionHandle:
         return torch.exp(logits - lse.float().unsqueeze(-1)).masked_fill(i < 0, 0.0)
 
 
+def _is_prefill(q_len: int, kv_len: int, attention_mask) -> bool:
+    """True for a forward call that starts a sequence (``generate()``'s prefill): the queries see
+    only themselves. With a dynamic cache that is ``q_len == kv_len``; a static cache is longer
+    than what is written, so there the mask tells: the last query sees at most ``q_len`` keys."""
+    if q_len == kv_len:
+        return True
+    if q_len == 1:
+        return False
+    if attention_mask is None:  # several queries and no mask: a prefill into an empty static cache
+        return True
+    last = attention_mask[:, :, -1, :kv_len]
+    allowed = last if last.dtype == torch.bool else last > -math.inf
+    return int(allowed.sum(dim=-1).max()) <= q_len
+
+
 def context_attention(query, key, value, attention_mask, scale):
     """Causal attention over the context with its log-sum-exp.
 
@@ -257,8 +277,9 @@ def context_attention(query, key, value, attention_mask, scale):
         query: ``(batch, num_q_heads, q_len, head_dim)``.
         key, value: ``(batch, num_kv_heads, kv_len, head_dim)``; query head ``h`` reads KV head
             ``h // (num_q_heads // num_kv_heads)``. The queries are the last ``q_len`` positions.
-        attention_mask: ``None`` (causal, bottom-right aligned) or ``(batch or 1, 1, q_len,
-            kv_len)`` bool (True = attend) or additive float.
+        attention_mask: ``None`` (one query: every key; several: causal aligned top-left, as
+            SDPA's ``is_causal``) or ``(batch or 1, 1, q_len, kv_len)`` bool (True = attend) or
+            additive float.
         scale: logit scale.
 
     Returns:
@@ -275,7 +296,11 @@ def context_attention(query, key, value, attention_mask, scale):
     if attention_mask is None:
         allowed = None
         if q_len > 1:
-            pos = torch.arange(q_len, device=query.device) + (kv_len - q_len)
+            # As transformers' sdpa path: no mask and several queries means SDPA's is_causal,
+            # aligned top-left (query i sees keys 0..i). transformers passes no mask that way only
+            # when the two alignments agree (q_len == kv_len) or for a prefill into an empty static
+            # cache, whose unwritten slots must stay out of reach.
+            pos = torch.arange(q_len, device=query.device)
             allowed = (torch.arange(kv_len, device=query.device)[None, :] <= pos[:, None]).view(1, 1, q_len, kv_len)
     elif attention_mask.dtype == torch.bool:
         allowed = attention_mask
@@ -348,7 +373,9 @@ def enable_memory_attention(
 
     Raises:
         InvalidInputError: the bank does not fit the model (KV heads, head dim, layers), bad
-            ``topk``, ``rope`` or ``layers``.
+            ``topk``, ``rope``, ``layers`` or ``backend``, or memory attention already enabled on
+            this model (one handle at a time: disable it first).
+        BackendUnavailableError: ``backend`` cannot run on the model's device.
     """
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -361,6 +388,15 @@ def enable_memory_attention(
         raise InvalidInputError(f"rope must be one of {_ROPE_MODES}, got {rope!r}")
     if similarity_threshold is not None and not -1.0 <= float(similarity_threshold) <= 1.0:
         raise InvalidInputError(f"similarity_threshold must be in [-1, 1], got {similarity_threshold}")
+    current = getattr(model.config, "_attn_implementation", None)
+    if current in _ACTIVE:
+        raise InvalidInputError(
+            f"memory attention is already enabled on this model ({current}); call that handle's disable() first"
+        )
+    from kcore.ops._dispatch import resolve_backend
+    from kcore.ops.memory_attn import _SUPPORTED
+
+    resolve_backend(backend, next(model.parameters()).device, supported=_SUPPORTED)  # fail now, not mid-generate
     modules = attention_modules(model)
     _, num_kv, head_dim = _model_shape(model)
     if (bank.num_kv_heads, bank.head_dim) != (num_kv, head_dim):
