@@ -302,6 +302,11 @@ def test_native_merge_equals_torch_formula():
     # Strided (non-contiguous) inputs give the same result.
     out_t, lse_t = merge_attention_states(oa.transpose(1, 2).contiguous().transpose(1, 2), la, ob, lb)
     assert torch.equal(out_t, out) and torch.equal(lse_t, lse)
+    # With autograd recording the torch formula runs (the native pass has no backward).
+    oa_g = oa.clone().requires_grad_()
+    out_g, _ = merge_attention_states(oa_g, la, ob, lb)
+    out_g.sum().backward()
+    assert oa_g.grad is not None and torch.allclose(out_g.detach(), out, atol=1e-6)
     # A NaN or +inf lse is refused and named, on either side.
     for bad_side in ("a", "b"):
         bad = la.clone() if bad_side == "a" else lb.clone()

@@ -65,6 +65,10 @@ def test_sink_token_choice_and_errors(model, tok):
     assert MemoryBank.build(model, tok, DOCS[:1], window=8, stride=4, progress=False).sink_token is None
     explicit = MemoryBank.build(model, tok, DOCS[:1], window=8, stride=4, progress=False, sink_token=5)
     assert explicit.sink_token == 5
+    import numpy as np
+
+    same = MemoryBank.build(model, tok, DOCS[:1], window=np.int64(8), stride=np.int32(4), progress=False, sink_token=np.int64(5))
+    assert same.sink_token == 5 and (same.window, same.stride) == (8, 4) and torch.equal(same.keys(0), explicit.keys(0))
     for bad in (-1, "bos", 1.5, True):
         with pytest.raises(InvalidInputError, match="sink_token"):
             MemoryBank.build(model, tok, DOCS[:1], window=8, stride=4, progress=False, sink_token=bad)

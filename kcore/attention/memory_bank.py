@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import numbers
 import os
 import tempfile
 from pathlib import Path
@@ -305,8 +306,9 @@ class MemoryBank:
         from kcore.tokenizer import tokenizer_fingerprint
 
         for name, v in (("window", window), ("stride", stride), ("batch_size", batch_size)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
                 raise InvalidInputError(f"{name} must be an int >= 1, got {v!r}")
+        window, stride, batch_size = int(window), int(stride), int(batch_size)
         if stride > window:
             raise InvalidInputError(f"stride must be <= window ({window}), got {stride}")
         if quantization not in _QUANTIZATIONS:
@@ -659,9 +661,9 @@ def _sink_token_id(tokenizer, sink_token) -> Optional[int]:
             if isinstance(tid, int):
                 return tid
         return None
-    if isinstance(sink_token, bool) or not isinstance(sink_token, int) or sink_token < 0:
+    if isinstance(sink_token, bool) or not isinstance(sink_token, numbers.Integral) or sink_token < 0:
         raise InvalidInputError(f'sink_token must be "auto", None or a token id >= 0, got {sink_token!r}')
-    return sink_token
+    return int(sink_token)
 
 
 def _split_by_length(windows):

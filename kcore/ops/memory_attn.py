@@ -172,7 +172,10 @@ def merge_attention_states(
     for name, lse in (("lse_a", lse_a), ("lse_b", lse_b)):
         if lse.shape != out_a.shape[:-1]:
             raise InvalidInputError(f"{name} must have shape {tuple(out_a.shape[:-1])}, got {tuple(lse.shape)}")
-    if out_a.device.type == "cpu" and out_a.shape[-1] > 0 and all(t.dtype == torch.float32 for t in (out_a, out_b, lse_a, lse_b)):
+    tensors = (out_a, out_b, lse_a, lse_b)
+    # The native pass has no backward: with autograd recording, the torch formula is used.
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    if out_a.device.type == "cpu" and out_a.shape[-1] > 0 and not needs_grad and all(t.dtype == torch.float32 for t in tensors):
         return _merge_attention_states_cpu(out_a, lse_a, out_b, lse_b)
     return _merge_attention_states_torch(out_a, lse_a, out_b, lse_b)
 
