@@ -195,8 +195,7 @@ unsigned long long g_probe_adds = ~0ull;  // dlpi_adds at the last unsuccessful 
 
 struct ProbeState {
   bool first = true;
-  bool unchanged = false;
-  std::string path;
+  std::string path;  // set when an OpenMP runtime is found
 };
 
 int probe_object(struct dl_phdr_info* info, size_t size, void* data) {
@@ -206,10 +205,7 @@ int probe_object(struct dl_phdr_info* info, size_t size, void* data) {
   if (st->first) {
     st->first = false;
     if (size >= offsetof(struct dl_phdr_info, dlpi_adds) + sizeof(info->dlpi_adds)) {
-      if (info->dlpi_adds == g_probe_adds) {
-        st->unchanged = true;
-        return 1;
-      }
+      if (info->dlpi_adds == g_probe_adds) return 1;  // nothing loaded since: still none
       g_probe_adds = info->dlpi_adds;
     }
   }

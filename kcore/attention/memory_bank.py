@@ -74,6 +74,20 @@ def _model_shape(model) -> Tuple[int, int, int]:
     return int(cfg.num_hidden_layers), int(num_kv), int(head_dim)
 
 
+def _resolve_layers(modules: Dict[int, torch.nn.Module], layers: Optional[Iterable[int]]) -> List[int]:
+    """``layers`` sorted and deduplicated (default: every attention layer), checked against
+    ``modules`` (:func:`attention_modules`). Raises InvalidInputError if empty or unknown."""
+    layers = sorted(modules) if layers is None else sorted(set(int(l) for l in layers))
+    bad = [l for l in layers if l not in modules]
+    if not layers or bad:
+        raise InvalidInputError(f"layers must be a non-empty subset of {sorted(modules)}, got {layers}")
+    return layers
+
+
+def _model_name(model) -> str:
+    return str(getattr(model.config, "name_or_path", "") or "")
+
+
 def _quantize_int8(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 with one float32 scale per row (last dim): ``x ~= q * scale``."""
     xf = x.float()
@@ -329,10 +343,7 @@ class MemoryBank:
             raise InvalidInputError("tokenizer must be a fast tokenizer (character offsets are needed for citations)")
         modules = attention_modules(model)
         num_layers, num_kv, head_dim = _model_shape(model)
-        layers = sorted(modules) if layers is None else sorted(set(int(l) for l in layers))
-        bad = [l for l in layers if l not in modules]
-        if not layers or bad:
-            raise InvalidInputError(f"layers must be a non-empty subset of {sorted(modules)}, got {layers}")
+        layers = _resolve_layers(modules, layers)
 
         device = next(model.parameters()).device
         captured: Dict[Tuple[str, int], torch.Tensor] = {}
@@ -407,7 +418,7 @@ class MemoryBank:
             num_kv_heads=num_kv,
             head_dim=head_dim,
             dtype=dtype,
-            model_name=str(getattr(model.config, "name_or_path", "") or ""),
+            model_name=_model_name(model),
             tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
             window=window,
             stride=stride,
@@ -435,10 +446,7 @@ class MemoryBank:
             raise InvalidInputError(f"quantization must be one of {_QUANTIZATIONS}, got {quantization!r}")
         modules = attention_modules(model)
         _, num_kv, head_dim = _model_shape(model)
-        layers = sorted(modules) if layers is None else sorted(set(int(l) for l in layers))
-        bad = [l for l in layers if l not in modules]
-        if not layers or bad:
-            raise InvalidInputError(f"layers must be a non-empty subset of {sorted(modules)}, got {layers}")
+        layers = _resolve_layers(modules, layers)
         device = next(model.parameters()).device
         store = torch.int8 if quantization == "int8" else dtype
         z = {l: torch.zeros(num_kv, 0, head_dim, dtype=store, device=device) for l in layers}
@@ -451,7 +459,7 @@ class MemoryBank:
         return cls(
             keys=z, values=dict(z), token_map=torch.zeros(0, 3, dtype=torch.int64), documents=[],
             num_kv_heads=num_kv, head_dim=head_dim, dtype=dtype,
-            model_name=str(getattr(model.config, "name_or_path", "") or ""),
+            model_name=_model_name(model),
             tokenizer_fingerprint=fingerprint, quantization=quantization,
             key_scales=scales, value_scales=dict(scales) if scales else None,
         )
