@@ -46,10 +46,27 @@ TrieBuilder::~TrieBuilder() = default;
 
 void TrieBuilder::set_progress(BuildProgressFn fn) {
   progress_ = std::move(fn);
+  if (!sorter_) return;
   if (progress_) {
     sorter_->set_progress([this](uint64_t done) { progress_(BuildPhase::kSpill, done); });
   } else {
     sorter_->set_progress(nullptr);
+  }
+}
+
+template <typename Fn>
+void TrieBuilder::guarded(Fn&& fn) {
+  if (failed_) throw InvalidInput("TrieBuilder used after an error or a cancelled build; start a new one");
+  try {
+    fn();
+  } catch (const InvalidInput&) {
+    // Bad input is rejected before anything of it is buffered: the builder stays usable.
+    throw;
+  } catch (...) {
+    // Anything else (I/O error, cancellation): free the scratch files now.
+    failed_ = true;
+    sorter_.reset();
+    throw;
   }
 }
 
@@ -84,15 +101,26 @@ void TrieBuilder::add_impl(const T* tokens, int64_t num_tokens, const int64_t* o
 }
 
 void TrieBuilder::add(const int64_t* tokens, int64_t num_tokens, const int64_t* offsets, int64_t n) {
-  add_impl(tokens, num_tokens, offsets, n);
+  guarded([&] { add_impl(tokens, num_tokens, offsets, n); });
 }
 void TrieBuilder::add(const int32_t* tokens, int64_t num_tokens, const int64_t* offsets, int64_t n) {
-  add_impl(tokens, num_tokens, offsets, n);
+  guarded([&] { add_impl(tokens, num_tokens, offsets, n); });
 }
 
 TrieBuildStats TrieBuilder::finish(const std::string& path, const std::string& tokenizer_fingerprint) {
   if (finished_) throw InvalidInput("TrieBuilder.finish called twice");
+  if (failed_) throw InvalidInput("TrieBuilder used after an error or a cancelled build; start a new one");
   finished_ = true;
+  try {
+    return finish_impl(path, tokenizer_fingerprint);
+  } catch (...) {
+    failed_ = true;
+    sorter_.reset();  // the runs; the record stream and the output die with finish_impl's frame
+    throw;
+  }
+}
+
+TrieBuildStats TrieBuilder::finish_impl(const std::string& path, const std::string& tokenizer_fingerprint) {
   if (tokenizer_fingerprint.size() > ktrie::kMaxFingerprint)
     throw InvalidInput("tokenizer_fingerprint must be at most " + std::to_string(ktrie::kMaxFingerprint) +
                        " bytes, got " + std::to_string(tokenizer_fingerprint.size()));

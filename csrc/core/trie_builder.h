@@ -59,12 +59,16 @@ class TrieBuilder {
  private:
   template <typename T>
   void add_impl(const T* tokens, int64_t num_tokens, const int64_t* offsets, int64_t n);
+  template <typename Fn>
+  void guarded(Fn&& fn);
+  TrieBuildStats finish_impl(const std::string& path, const std::string& tokenizer_fingerprint);
 
   uint32_t vocab_size_;
   uint64_t budget_;
   std::string tmp_dir_;
   uint64_t num_input_ = 0;
   bool finished_ = false;
+  bool failed_ = false;
   std::vector<uint64_t> token_counts_;  // occurrences of each token id in the input
   std::vector<uint32_t> scratch_;
   std::unique_ptr<ExternalSorter> sorter_;
