@@ -77,6 +77,17 @@ def _as_states(x, name: str) -> np.ndarray:
     return _to_int64(a)
 
 
+def _is_sequence(t) -> bool:
+    return hasattr(t, "__len__") and not isinstance(t, (str, bytes))
+
+
+def _nested(batch: list, first_index: int, i: int) -> InvalidInputError:
+    return InvalidInputError(
+        f"sequences: fact {first_index + i} must be a flat sequence of token ids, got nested sequences "
+        f"({list(batch[i])[:2]!r}); pass the facts themselves, e.g. [[5, 6, 7], [8, 9, 1]]"
+    )
+
+
 def _flatten_chunk(batch: list, first_index: int) -> Tuple[np.ndarray, np.ndarray]:
     """Concatenate a list of token sequences into (tokens int64, offsets int64)."""
     try:
@@ -105,6 +116,8 @@ def _flatten_chunk(batch: list, first_index: int) -> Tuple[np.ndarray, np.ndarra
         tokens = None
     if tokens is None or (tokens.size and tokens.dtype.kind not in "iu"):
         for i, s in enumerate(batch):
+            if any(_is_sequence(t) for t in s):
+                raise _nested(batch, first_index, i)
             if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in s):
                 raise InvalidInputError(f"fact {first_index + i} must hold integer token ids, got {list(s)[:8]}")
             big = next((t for t in s if not -(1 << 63) <= int(t) < 1 << 63), None)
@@ -114,11 +127,7 @@ def _flatten_chunk(batch: list, first_index: int) -> Tuple[np.ndarray, np.ndarra
     if tokens.ndim != 1:
         # Elements that are themselves sequences (a list of facts passed as one fact): numpy made
         # a 2-D array, and flattening it would store a different fact.
-        bad = next(i for i, s in enumerate(batch) if any(hasattr(t, "__len__") for t in s))
-        raise InvalidInputError(
-            f"sequences: fact {first_index + bad} must be a flat sequence of token ids, got nested sequences "
-            f"({list(batch[bad])[:2]!r}...); pass the facts themselves, e.g. [[5, 6, 7], [8, 9, 1]]"
-        )
+        raise _nested(batch, first_index, next(i for i, s in enumerate(batch) if any(_is_sequence(t) for t in s)))
     if tokens.dtype != np.int64:
         tokens = _to_int64(tokens)
     return tokens, offsets
