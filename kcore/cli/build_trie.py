@@ -50,6 +50,7 @@ def register(sub) -> None:
     p.add_argument("--no-word-cache", action="store_true",
                    help="tokenize every fact whole (default: a word cache for byte-level BPE tokenizers, same tokens)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--stats-json", default=None, help="also write the build statistics (counts, seconds) to this JSON file")
     p.set_defaults(func=run)
 
 
@@ -128,6 +129,10 @@ def run(args) -> int:
           f"{seconds:.1f} s ({s['num_input'] / max(seconds, 1e-9):,.0f} facts/s; reading+tokenizing "
           f"{s['produce_s']:.1f} s, adding {s['add_s']:.1f} s, merging+writing {s['finish_s']:.1f} s; "
           f"{s['num_runs']} runs, peak temporary disk {s['peak_temp_bytes'] / 1e6:.1f} MB)")
+    if args.stats_json:
+        import json
+
+        Path(args.stats_json).write_text(json.dumps(dict(s, wall_s_cli=seconds, file=str(out)), indent=1))
     if s.get("bad_lines"):
         print(f"skipped {s['bad_lines']} malformed line(s) of {s['lines']}:", file=sys.stderr)
         for m in s["bad_line_examples"]:
