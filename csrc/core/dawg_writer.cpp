@@ -218,9 +218,15 @@ uint64_t DawgWriter::write_record(const Open& n, uint64_t count) {
     // Only the last child (the largest token, frozen last) can be the record just written.
     const bool next = n.edges.back().addr == L;
     rec_.push_back(make_head(n.final, kSmall, static_cast<uint8_t>(((d - 1) << 1) | (next ? 1 : 0))));
-    varint(count);
+    if (d > 1) varint(count);  // one child: the count is final + the child's (as for CHAIN)
     for (const Edge& e : n.edges) varint(code_of_[e.token]);
-    for (size_t k = 0; k + (next ? 1 : 0) < d; ++k) varint(L - n.edges[k].addr);
+    // Each stored target is the smaller of its distance after this record and its stream
+    // address (its distance from the end of the file): shared suffixes are frozen early, so
+    // they sit near the end of the file and are cheaper to name from there.
+    for (size_t k = 0; k + (next ? 1 : 0) < d; ++k) {
+      const uint64_t delta = L - n.edges[k].addr, from_end = n.edges[k].addr;
+      varint(delta <= from_end ? delta << 1 : (from_end << 1) | 1);
+    }
   } else {
     uint64_t max_delta = 0, rank = n.final ? 1 : 0, max_rank = 0;
     for (const Edge& e : n.edges) {

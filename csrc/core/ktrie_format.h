@@ -30,8 +30,12 @@
 //   CHAIN (one child, the next record; path compression of single-child runs): head bits 4-0 =
 //         c: c in 1..31 means token code c - 1; c = 0 means [varint code] follows.
 //   SMALL (1..16 children): head bits 4-1 = degree - 1, bit 0 = the last child is the next record
-//         (its delta is not stored): [head][count varint][degree x varint code, children in
-//         ascending token order][deltas varint, one per child except the next-record one].
+//         (its target is not stored): [head][count varint, only if degree > 1][degree x varint
+//         code, children in ascending token order][targets varint, one per child except the
+//         next-record one]. A target t names the child as (t >> 1) bytes after the end of this
+//         record when t & 1 = 0, or as (t >> 1) bytes before the end of the records when t & 1 = 1
+//         (the writer takes the smaller: shared suffixes, frozen first, lie near the end). A
+//         single child's count is not stored: it is final + the count of the child.
 //   LARGE (any degree, binary-searched): head bits 4-2 = delta width - 1 (1..8 bytes), bits 1-0 =
 //         rank width - 1 (1..4 bytes): [head][degree varint][count varint]
 //         [tokens: degree x token_bytes, ascending][deltas: degree x delta width]
@@ -41,7 +45,8 @@
 // through a node form one id range; the rank offset of child i is final + the counts of
 // children 0..i-1 (the DAWG perfect-hash scheme of Lucchesi & Kowaltowski 1993). SMALL records
 // store no rank offsets: the reader sums the counts of the preceding siblings. The count of a
-// CHAIN record is not stored: it is final + the count of its child.
+// CHAIN record (or of a SMALL record of one child) is not stored: it is final + the count of
+// its child.
 //
 // Cursor state (int64, see trie.h): (fact rank << state_offset_bits) | record offset; the builder
 // chooses state_offset_bits so that offsets and ranks both fit in 63 bits (facts x data bytes <=

@@ -151,16 +151,13 @@ Trie::Node Trie::decode(uint64_t off) const {
     case kSmall: {
       n.degree = ((head >> 1) & 15u) + 1;
       const bool next = head & 1;
-      n.count = varint();
+      n.count = n.degree > 1 ? varint() : 0;  // one child: see count_of
       for (uint32_t i = 0; i < n.degree; ++i) n.tok[i] = token_of_code(varint());
-      uint64_t delta[kSmallMaxDegree];
+      uint64_t target[kSmallMaxDegree];
       const uint32_t stored = n.degree - (next ? 1u : 0u);
-      for (uint32_t i = 0; i < stored; ++i) delta[i] = varint();
+      for (uint32_t i = 0; i < stored; ++i) target[i] = varint();
       n.end = p;
-      for (uint32_t i = 0; i < stored; ++i) {
-        if (delta[i] >= data_end_ - p) corrupt("edge target out of range in the record at offset " + std::to_string(off));
-        n.tgt[i] = p + delta[i];
-      }
+      for (uint32_t i = 0; i < stored; ++i) n.tgt[i] = small_target(target[i], p, off);
       if (next) n.tgt[n.degree - 1] = p;
       break;
     }
@@ -182,6 +179,17 @@ Trie::Node Trie::decode(uint64_t off) const {
   }
   if (n.end > data_end_) corrupt("record at offset " + std::to_string(off) + " runs past the data section");
   return n;
+}
+
+uint64_t Trie::small_target(uint64_t v, uint64_t record_end, uint64_t off) const {
+  const uint64_t x = v >> 1;
+  if (v & 1) {  // distance from the end of the data section
+    if (x == 0 || x > data_end_) corrupt("edge target out of range in the record at offset " + std::to_string(off));
+    return data_end_ - x;
+  }
+  if (x >= data_end_ - std::min(record_end, data_end_))
+    corrupt("edge target out of range in the record at offset " + std::to_string(off));
+  return record_end + x;
 }
 
 uint64_t Trie::target(const Node& n, uint32_t i) const {
@@ -217,6 +225,17 @@ uint64_t Trie::count_of(uint64_t off) const {
         off = p;
         break;
       case kSmall:
+        if (((head >> 1) & 15u) == 0) {  // one child, no stored count: final + the child's
+          extra += (head & kFinalBit) ? 1 : 0;
+          varint();  // token code
+          if (head & 1) {
+            off = p;  // the child is the next record
+          } else {
+            const uint64_t v = varint();
+            off = small_target(v, p, off);
+          }
+          break;
+        }
         return extra + varint();
       default:
         varint();

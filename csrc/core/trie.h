@@ -75,6 +75,7 @@ class Trie {
     return n.kind == ktrie::kLarge ? static_cast<uint32_t>(ktrie::load_uint(n.tokens + uint64_t{i} * tb_, tb_)) : n.tok[i];
   }
   uint64_t target(const Node& n, uint32_t i) const;
+  uint64_t small_target(uint64_t v, uint64_t record_end, uint64_t off) const;
   int64_t find(const Node& n, uint32_t token) const;
   uint64_t child_rank(const Node& n, uint32_t i) const;
   uint32_t token_of_code(uint64_t code) const;
