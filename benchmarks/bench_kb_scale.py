@@ -11,10 +11,11 @@ Subcommands (results are appended as JSON lines to ``--results``; ``report`` pri
 * ``latency --kb FILE --trie TRIE``: samples 2,000 facts of the KB file, tokenizes them as the
   build did, checks that the trie holds every one (correctness first), then times in fresh child
   processes, once with the trie's pages dropped from the page cache (``posix_fadvise
-  DONTNEED``, and ``/proc/sys/vm/drop_caches`` where allowed) and once warm: ``next_tokens`` of a
+  DONTNEED`` on the file) and once warm: ``next_tokens`` of a
   random proper prefix of each fact (a walk from the root plus the children of the last node),
   and ``step`` + ``fill_bitmask`` (vocab 49,152) of one row from the state of that prefix; warm
-  also for a batch of 64 rows.
+  also for a batch of 64 rows. The fraction of the file still in the page cache after the drop
+  is checked with ``mincore`` and recorded.
 * ``processor --trie T [--trie T2 ...]``: :class:`kcore.hf.FactLogitsProcessor` per-step cost,
   batch 8, rows writing real facts after ``"Fact:"`` (teacher-forced), random scores, on each
   trie side by side in one process.
@@ -119,23 +120,39 @@ def sample_facts(kb: str, n: int, seed: int = 0, scan: int = 2_000_000) -> list:
     return reservoir
 
 
-def drop_cache(path: str) -> str:
-    """Evict the file's pages; returns the method that worked."""
-    method = "posix_fadvise(DONTNEED)"
+def resident_fraction(path: str) -> float:
+    """Fraction of the file's pages in the page cache (mincore on a mapping of it)."""
+    import ctypes
+    import mmap
+
+    size = os.path.getsize(path)
+    page = mmap.PAGESIZE
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            os.sync()
-            f.write("3\n")
-        method = "drop_caches + posix_fadvise(DONTNEED)"
-    except OSError:
-        pass
+        buf = ctypes.c_char.from_buffer(mm)
+        n = (size + page - 1) // page
+        vec = (ctypes.c_ubyte * n)()
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.mincore(ctypes.c_void_p(ctypes.addressof(buf)), ctypes.c_size_t(size), vec) != 0:
+            return float("nan")
+        resident = sum(v & 1 for v in vec)
+        del buf
+    finally:
+        mm.close()
+    return resident / n
+
+
+def drop_cache(path: str) -> float:
+    """Evict the file's pages from the page cache (posix_fadvise DONTNEED: only this file, so the
+    other users of this shared machine keep their cache); returns the fraction still resident."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
-    return method
+    return resident_fraction(path)
 
 
 def cmd_latency(args) -> None:
@@ -154,7 +171,7 @@ def cmd_latency(args) -> None:
     out = {"kind": "latency", "trie": args.trie, "kb": args.kb, "file_bytes": os.path.getsize(args.trie),
            "prefixes": len(facts), "loadavg_start": os.getloadavg()}
     for what in ("next_tokens", "step_fill"):
-        out["cache_drop"] = drop_cache(args.trie)
+        out[f"resident_after_drop[{what}]"] = drop_cache(args.trie)
         res = subprocess.run([sys.executable, __file__, "_probe", "--trie", args.trie, "--probe", str(probe), "--what", what],
                              capture_output=True, text=True, check=True)
         out.update(json.loads(res.stdout.strip().splitlines()[-1]))

@@ -35,7 +35,7 @@ EXAMPLES = (
 TRIGGER = "Fact:"
 TERMINATOR = "\n"
 # Bump when the built-in KB's content changes, so cached tries are rebuilt.
-BUILTIN_KB_VERSION = "geonames-1"
+BUILTIN_KB_VERSION = "geonames-2"  # 2: .ktrie format 2 (a new name, so tries of format 1 in a shared cache stay usable by older kcore)
 BUILTIN_LARGE_KB_VERSION = "geonames-large-1"
 
 
