@@ -7,8 +7,9 @@ a model writes a fact, only the tokens the trie allows keep their logits.
 
 Storage: the facts are sorted and turned into the minimal acyclic automaton of their token
 sequences (a DAWG: identical fact endings such as ``" capital Paris ."`` are stored once; Daciuk et
-al. 2000), laid out as byte records with single-child runs stored without pointers (path
-compression). Each node keeps the number of facts below it, so the facts through any cursor state
+al. 2000), written out as byte records while it is built (children after their parent; single-
+child runs stored without pointers; tokens as codes ranked by frequency, so frequent tokens take
+one byte; child positions as short distances). Each node keeps the number of facts below it, so the facts through any cursor state
 form an id range (the DAWG perfect-hash numbering of Lucchesi & Kowaltowski 1993). The ``.ktrie``
 file (format in ``csrc/core/ktrie_format.h``) is written atomically and loaded with ``mmap``.
 
@@ -19,9 +20,13 @@ data section is verified only with ``verify="full"`` (or :meth:`FactTrie.verify`
 the whole file. Reads are bound-checked, so a corrupted data section that slipped through raises
 a :class:`kcore.FileFormatError` or gives wrong answers, never a crash.
 
-Limits of format version 1: vocab_size <= 2^24, fewer than 2^31 distinct facts, a data section
-below 4 GiB (about 400M facts of the geonames shape). Building keeps the automaton in memory (about
-40 bytes per DAG edge while building); the facts themselves may exceed memory (external sort).
+Limits of format version 2: vocab_size <= 2^24, fewer than 2^32 distinct facts, and a cursor state
+of 63 bits: (bits of the number of facts) + (bits of the data section's size) <= 63, i.e. facts x
+bytes below about 2^63: 1 billion facts fit in a trie of up to 8 GiB (8.6 bytes/fact; the built-in
+KB takes 8.0), 500 million in up to 16 GiB; a larger build stops with an error saying so. Memory
+while building is bounded by ``memory_budget_bytes`` (the sort buffer, then the register of
+frozen nodes; the automaton is written out as it is built), whatever the number of facts.
+Tested: ranks above 2^24 and a data section above 4 GiB (``tests/test_trie_limits.py``).
 
 A loaded file must not be modified in place (truncated or overwritten through the same inode):
 like any ``mmap`` reader, the process would then read changed bytes or die of ``SIGBUS`` on pages
