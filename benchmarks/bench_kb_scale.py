@@ -41,6 +41,7 @@ import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 
 
 def tokenizer_folder() -> Path:
@@ -93,6 +94,64 @@ def cmd_build(args) -> None:
         "add_s": s["add_s"], "finish_s": s["finish_s"],
         "tokenize_facts_per_s": n / s["tokenize_s"], "build_facts_per_s": n / (s["add_s"] + s["finish_s"]),
         "end_to_end_facts_per_s": n / wall, "peak_rss_bytes": usage.ru_maxrss * 1024,
+        "cpu_s": usage.ru_utime + usage.ru_stime, "peak_temp_bytes": s["peak_temp_bytes"], "runs": s["num_runs"],
+        "register_generations": s["register_generations"], "nodes": s["num_nodes"],
+        "loadavg_start": load0, "loadavg_end": os.getloadavg(),
+    })
+
+
+# ---------------------------------------------------------------- build from token ids
+
+
+ID_CHUNK = 2_000_000
+
+
+def id_chunks(n_facts: int):
+    """n_facts SYNTHETIC facts as token ids, in CSR blocks: ``bench_trie.synthetic_facts`` (the
+    shape of the FactTrie benchmark: 1-4 token subjects with several facts each, 60 relations,
+    Zipf objects or digit strings, a final "."), one block of 2M facts per seed."""
+    from bench_trie import synthetic_facts
+
+    for k, start in enumerate(range(0, n_facts, ID_CHUNK)):
+        yield synthetic_facts(min(ID_CHUNK, n_facts - start), seed=k)
+
+
+def cmd_build_ids_child(args) -> None:
+    from kcore.trie import FactTrie
+
+    t0 = time.perf_counter()
+    trie = FactTrie.build_from_chunks(id_chunks(args.facts), args.out, vocab_size=49152, total=args.facts,
+                                      memory_budget_bytes=parse_budget(args.memory_budget), progress=False)
+    s = dict(trie.build_stats, wall_s=time.perf_counter() - t0)
+    print(json.dumps(s))
+
+
+def parse_budget(text):
+    from kcore.cli.build_trie import parse_size
+
+    return parse_size(text)
+
+
+def cmd_build_ids(args) -> None:
+    """The native build alone at scale (no tokenization): token-id facts generated on the fly."""
+    cmd = [sys.executable, __file__, "_build_ids", "--facts", str(args.facts), "--out", args.out,
+           "--memory-budget", args.memory_budget]
+    load0 = os.getloadavg()
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"build failed: {cmd}")
+    s = json.loads(out.strip().splitlines()[-1])
+    n = s["num_input"]
+    record(args.results, {
+        "kind": "build_ids", "trie": args.out, "synthetic": True, "memory_budget": args.memory_budget,
+        "facts_read": n, "facts": s["num_facts"], "file_bytes": s["file_bytes"],
+        "bytes_per_fact": s["file_bytes"] / s["num_facts"], "wall_s": wall,
+        "produce_s": s["produce_s"], "add_s": s["add_s"], "finish_s": s["finish_s"],
+        "build_facts_per_s": n / (s["add_s"] + s["finish_s"]), "peak_rss_bytes": usage.ru_maxrss * 1024,
         "cpu_s": usage.ru_utime + usage.ru_stime, "peak_temp_bytes": s["peak_temp_bytes"], "runs": s["num_runs"],
         "register_generations": s["register_generations"], "nodes": s["num_nodes"],
         "loadavg_start": load0, "loadavg_end": os.getloadavg(),
@@ -155,14 +214,30 @@ def drop_cache(path: str) -> float:
     return resident_fraction(path)
 
 
+def sample_id_facts(n: int):
+    """n facts of the first token-id block (see id_chunks), as CSR (tokens, offsets) and labels."""
+    from bench_trie import synthetic_facts
+
+    t, o = synthetic_facts(ID_CHUNK, seed=0)
+    pick = np.sort(np.random.default_rng(0).choice(o.size - 1, size=n, replace=False))
+    rows = [t[o[i]:o[i + 1]] for i in pick]
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum([len(r) for r in rows], out=offsets[1:])
+    return np.concatenate(rows).astype(np.int32), offsets, [f"id fact {i}" for i in pick]
+
+
 def cmd_latency(args) -> None:
     from kcore.fact_tokenizer import FactTokenizer
     from kcore.trie import FactTrie
 
-    tok = load_tokenizer()
-    facts = sample_facts(args.kb, args.prefixes)
-    tokens, offsets = FactTokenizer(tok).encode(facts)
-    trie = FactTrie.load(args.trie, tokenizer=tok)
+    if args.kb == "ids":
+        tokens, offsets, facts = sample_id_facts(args.prefixes)
+        trie = FactTrie.load(args.trie)
+    else:
+        tok = load_tokenizer()
+        facts = sample_facts(args.kb, args.prefixes)
+        tokens, offsets = FactTokenizer(tok).encode(facts)
+        trie = FactTrie.load(args.trie, tokenizer=tok)
     missing = [facts[i] for i in range(len(facts)) if not trie.contains(tokens[offsets[i]:offsets[i + 1]])]
     assert not missing, f"{len(missing)} sampled facts are not in the trie, e.g. {missing[:3]}"
     del trie
@@ -246,13 +321,16 @@ def cmd_processor(args) -> None:
     from kcore.trie import FactTrie
 
     tok = load_tokenizer()
-    facts = sample_facts(args.kb, 8 * args.rounds, seed=2)
+    if args.kb == "ids":
+        tokens, offsets, facts = sample_id_facts(8 * args.rounds)
+    else:
+        facts = sample_facts(args.kb, 8 * args.rounds, seed=2)
+        tokens, offsets = FactTokenizer(tok).encode(facts)
     prompt = tok("Question: tell me a fact.\nFact:", add_special_tokens=False)["input_ids"]
-    tokens, offsets = FactTokenizer(tok).encode(facts)
     nl = tok("\n", add_special_tokens=False)["input_ids"]
     out = {"kind": "processor", "kb": args.kb, "batch": 8, "loadavg_start": os.getloadavg()}
     results = {}
-    tries = [FactTrie.load(t, tokenizer=tok) for t in args.trie]
+    tries = [FactTrie.load(t, tokenizer=tok if args.kb != "ids" else None) for t in args.trie]
     for rep in range(args.repeats):  # interleaved, so both tries see the same machine load
         for trie in tries:
             proc = FactLogitsProcessor(trie, tok, trigger="Fact:", terminator="\n")
@@ -325,7 +403,7 @@ def main(argv=None):
     b.add_argument("--tmp-dir", default=None)
     b.set_defaults(func=cmd_build)
     lat = sub.add_parser("latency")
-    lat.add_argument("--kb", required=True)
+    lat.add_argument("--kb", required=True, help="the KB file the trie was built from, or 'ids' for build-ids tries")
     lat.add_argument("--trie", required=True)
     lat.add_argument("--prefixes", type=int, default=2000)
     lat.set_defaults(func=cmd_latency)
@@ -335,11 +413,21 @@ def main(argv=None):
     pr.add_argument("--what", required=True)
     pr.set_defaults(func=cmd_probe)
     proc = sub.add_parser("processor")
-    proc.add_argument("--kb", required=True)
+    proc.add_argument("--kb", required=True, help="KB file to sample facts from, or 'ids' for build-ids tries")
     proc.add_argument("--trie", action="append", required=True)
     proc.add_argument("--rounds", type=int, default=20)
     proc.add_argument("--repeats", type=int, default=3)
     proc.set_defaults(func=cmd_processor)
+    bi = sub.add_parser("build-ids")
+    bi.add_argument("--facts", type=int, required=True)
+    bi.add_argument("--out", required=True)
+    bi.add_argument("--memory-budget", default="1G")
+    bi.set_defaults(func=cmd_build_ids)
+    bic = sub.add_parser("_build_ids")
+    bic.add_argument("--facts", type=int, required=True)
+    bic.add_argument("--out", required=True)
+    bic.add_argument("--memory-budget", default="1G")
+    bic.set_defaults(func=cmd_build_ids_child)
     rep = sub.add_parser("report")
     rep.set_defaults(func=cmd_report)
     args = p.parse_args(argv)

@@ -165,6 +165,25 @@ def _iter_chunks(sequences, chunk_size: int):
         index += len(batch)
 
 
+def _csr_block(tokens, offsets) -> Tuple[np.ndarray, np.ndarray]:
+    """Checked (tokens int32/int64, offsets int64) of facts in CSR form."""
+    tokens = np.asarray(tokens)
+    offsets = np.asarray(offsets)
+    if tokens.ndim != 1 or (tokens.size and tokens.dtype.kind not in "iu"):
+        raise InvalidInputError(f"tokens must be a 1-D integer array, got shape {tokens.shape} dtype {tokens.dtype}")
+    if offsets.ndim != 1 or offsets.size < 1 or offsets.dtype.kind not in "iu":
+        raise InvalidInputError(f"offsets must be a 1-D integer array of num_facts + 1 elements, got {offsets.shape}")
+    if tokens.dtype not in (np.int32, np.int64):
+        tokens = _to_int64(tokens)
+    offsets = offsets.astype(np.int64, copy=False)
+    if offsets[0] != 0 or offsets[-1] != tokens.size or np.any(np.diff(offsets) < 0):
+        raise InvalidInputError(
+            f"offsets must start at 0, be non-decreasing and end at len(tokens)={tokens.size}; "
+            f"got first {offsets[0]}, last {offsets[-1]}"
+        )
+    return tokens, offsets
+
+
 class FactTrie:
     """A read-only, memory-mapped trie of tokenized facts (a ``.ktrie`` file).
 
@@ -255,20 +274,7 @@ class FactTrie:
         Other arguments and errors as in :meth:`build`.
         """
         vocab_size = cls._check_vocab_size(vocab_size)
-        tokens = np.asarray(tokens)
-        offsets = np.asarray(offsets)
-        if tokens.ndim != 1 or (tokens.size and tokens.dtype.kind not in "iu"):
-            raise InvalidInputError(f"tokens must be a 1-D integer array, got shape {tokens.shape} dtype {tokens.dtype}")
-        if offsets.ndim != 1 or offsets.size < 1 or offsets.dtype.kind not in "iu":
-            raise InvalidInputError(f"offsets must be a 1-D integer array of num_facts + 1 elements, got {offsets.shape}")
-        if tokens.dtype not in (np.int32, np.int64):
-            tokens = _to_int64(tokens)
-        offsets = offsets.astype(np.int64, copy=False)
-        if offsets[0] != 0 or offsets[-1] != tokens.size or np.any(np.diff(offsets) < 0):
-            raise InvalidInputError(
-                f"offsets must start at 0, be non-decreasing and end at len(tokens)={tokens.size}; "
-                f"got first {offsets[0]}, last {offsets[-1]}"
-            )
+        tokens, offsets = _csr_block(tokens, offsets)
 
         def chunks():
             n = offsets.size - 1
@@ -278,6 +284,25 @@ class FactTrie:
                 yield tokens[o[0] : o[-1]], o - o[0]
 
         return cls._build_chunks(chunks(), path, total=offsets.size - 1, vocab_size=vocab_size, **build_kwargs)
+
+    @classmethod
+    def build_from_chunks(cls, chunks, path, *, vocab_size: int, total: Optional[int] = None, **build_kwargs) -> "FactTrie":
+        """Build from a stream of CSR blocks of facts, e.g. a pre-tokenized KB read piece by piece.
+
+        Args:
+            chunks: an iterable of ``(tokens, offsets)`` pairs, each as in :meth:`build_from_arrays`
+                (fact ``i`` of a block is ``tokens[offsets[i]:offsets[i + 1]]``); only one block is
+                held at a time.
+            total: the number of facts, if known (for the progress bar's ETA).
+            Other arguments and errors as in :meth:`build`.
+        """
+        vocab_size = cls._check_vocab_size(vocab_size)
+
+        def checked():
+            for tokens, offsets in chunks:
+                yield _csr_block(tokens, offsets)
+
+        return cls._build_chunks(checked(), path, total=total, vocab_size=vocab_size, **build_kwargs)
 
     @classmethod
     def from_facts(
