@@ -18,10 +18,10 @@ namespace {
     if (!(cond)) throw kcore::InvalidInput(std::string("knn: ") + msg); \
   } while (0)
 
-KnnDType to_dtype(int code, const char* name) {
+ElemType to_dtype(int code, const char* name) {
   KCORE_CHECK_ARG(code >= 0 && code <= 2, std::string(name) + " dtype code must be 0 (fp32), 1 (fp16) or 2 (bf16), got " +
                                               std::to_string(code));
-  return static_cast<KnnDType>(code);
+  return static_cast<ElemType>(code);
 }
 
 KnnMetric to_metric(int code) {
@@ -38,7 +38,7 @@ void search(uintptr_t queries, int64_t num_queries, int64_t dim, uintptr_t keys,
                   "key_stride must be >= dim (" + std::to_string(dim) + "), got " + std::to_string(key_stride));
   KCORE_CHECK_ARG(num_queries == 0 || (queries && out_dists && out_ids), "null queries or output pointer");
   KCORE_CHECK_ARG(num_keys == 0 || keys, "null keys pointer");
-  const KnnDType dt = to_dtype(key_dtype, "keys");
+  const ElemType dt = to_dtype(key_dtype, "keys");
   const KnnMetric me = to_metric(metric);
   py::gil_scoped_release release;
   knn_search_cpu(reinterpret_cast<const float*>(queries), num_queries, dim, reinterpret_cast<const void*>(keys), dt,
@@ -55,7 +55,7 @@ void interpolate(uintptr_t logits, int logits_dtype, int64_t batch, int64_t voca
   KCORE_CHECK_ARG(batch == 0 || k == 0 || (dists && values), "null dists or values pointer");
   KCORE_CHECK_ARG(lmbda >= 0.0 && lmbda <= 1.0, "lmbda must be in [0, 1], got " + std::to_string(lmbda));
   KCORE_CHECK_ARG(temperature > 0.0, "temperature must be > 0, got " + std::to_string(temperature));
-  const KnnDType dt = to_dtype(logits_dtype, "lm_logits");
+  const ElemType dt = to_dtype(logits_dtype, "lm_logits");
   const KnnMetric me = to_metric(metric);
   py::gil_scoped_release release;
   knn_interpolate_cpu(reinterpret_cast<const void*>(logits), dt, batch, vocab, logits_stride,

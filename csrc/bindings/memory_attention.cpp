@@ -42,9 +42,9 @@ void forward(uintptr_t query, int64_t num_kv_heads, int64_t queries_per_head, in
   a.queries_per_head = queries_per_head;
   a.head_dim = head_dim;
   a.mem_len = mem_len;
-  a.normed_dtype = static_cast<kcore::MemElemType>(normed_dtype);
-  a.kv_dtype = static_cast<kcore::MemElemType>(kv_dtype);
-  if (a.kv_dtype == kcore::MemElemType::i8) {
+  a.normed_dtype = static_cast<kcore::ElemType>(normed_dtype);
+  a.kv_dtype = static_cast<kcore::ElemType>(kv_dtype);
+  if (a.kv_dtype == kcore::ElemType::kInt8) {
     a.key_scales = as_ptr<const float>(key_scales, "mem_key_scales");
     a.value_scales = as_ptr<const float>(value_scales, "mem_value_scales");
   }
