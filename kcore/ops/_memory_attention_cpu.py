@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from kcore._native import native
+from kcore._native import native, tensor_arg
 from kcore.ops.memory_attn import group_queries_by_kv_head, ungroup_by_kv_head
-
-_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int8: 3}
 
 
 def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -37,13 +35,10 @@ def memory_attention_cpu(
     lse = torch.empty((hkv, nq), dtype=torch.float32)
     idx = torch.empty((hkv, nq, k_eff), dtype=torch.int64)
     native().memory_attention_forward(
-        q.data_ptr(), hkv, nq, d, m, _DTYPE_CODES[keys_normed.dtype], _DTYPE_CODES[mem_keys.dtype],
-        keys_normed.data_ptr(), keys_normed.stride(0), keys_normed.stride(1),
-        keys.data_ptr(), keys.stride(0), keys.stride(1),
-        values.data_ptr(), values.stride(0), values.stride(1),
-        0 if key_scales is None else key_scales.data_ptr(), 0 if value_scales is None else value_scales.data_ptr(),
+        tensor_arg(q), tensor_arg(keys_normed), tensor_arg(keys), tensor_arg(values),
+        None if key_scales is None else tensor_arg(key_scales), None if value_scales is None else tensor_arg(value_scales),
         k_eff, scale, None if similarity_threshold is None else float(similarity_threshold),
-        out.data_ptr(), lse.data_ptr(), idx.data_ptr(),
+        tensor_arg(out), tensor_arg(lse), tensor_arg(idx),
     )
 
     return (ungroup_by_kv_head(out, b, hq, lq).to(query.dtype), ungroup_by_kv_head(lse, b, hq, lq),

@@ -175,7 +175,10 @@ def merge_attention_states(
     tensors = (out_a, out_b, lse_a, lse_b)
     # The native pass has no backward: with autograd recording, the torch formula is used.
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    if out_a.device.type == "cpu" and out_a.shape[-1] > 0 and not needs_grad and all(t.dtype == torch.float32 for t in tensors):
+    if (
+        out_a.device.type == "cpu" and out_a.shape[-1] > 0 and out_a.dim() <= 6 and not needs_grad
+        and all(t.dtype == torch.float32 for t in tensors)
+    ):
         return _merge_attention_states_cpu(out_a, lse_a, out_b, lse_b)
     return _merge_attention_states_torch(out_a, lse_a, out_b, lse_b)
 
@@ -183,13 +186,13 @@ def merge_attention_states(
 def _merge_attention_states_cpu(out_a, lse_a, out_b, lse_b):
     """float32 CPU tensors: one native pass (C++), instead of ~20 small torch ops per call (the
     hook merges once per layer and decode step)."""
-    from kcore._native import native
+    from kcore._native import native, tensor_arg
 
     oa, ob, la, lb = (t.contiguous() for t in (out_a, out_b, lse_a, lse_b))
     out = torch.empty_like(oa)
     lse = torch.empty_like(la)
     bad = native().merge_attention_states_f32(
-        oa.data_ptr(), la.data_ptr(), ob.data_ptr(), lb.data_ptr(), la.numel(), oa.shape[-1], out.data_ptr(), lse.data_ptr()
+        tensor_arg(oa), tensor_arg(la), tensor_arg(ob), tensor_arg(lb), tensor_arg(out), tensor_arg(lse)
     )
     if bad:
         raise InvalidInputError(f"{('lse_a', 'lse_b')[bad - 1]} must be finite or -inf, got NaN or +inf")
