@@ -6,31 +6,18 @@ from __future__ import annotations
 import torch
 
 from kcore._native import native, tensor_arg
-from kcore.ops.memory_attn import group_queries_by_kv_head, ungroup_by_kv_head
-
-
-def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
-    # The kernel reads (head, row) strides but needs each row's head_dim contiguous.
-    return t if t.stride(-1) == 1 else t.contiguous()
+from kcore.ops._gqa_layout import native_inputs, native_outputs
 
 
 def memory_attention_cpu(
     query, mem_keys, mem_values, mem_keys_normed, topk, scale, similarity_threshold, key_scales=None, value_scales=None
 ):
     """Arguments already checked by :func:`kcore.ops.memory_attention` (CPU tensors, mem_len >= 1)."""
-    b, hq, lq, d = query.shape
-    hkv, m, _ = mem_keys.shape
-    g = hq // hkv
-    k_eff = min(topk, m)
-    nq = b * g * lq
-    # (num_kv_heads, batch * group * q_len, head_dim): the queries of each KV head side by side.
-    q = group_queries_by_kv_head(query, hkv)
-    keys = _rows_contiguous(mem_keys)
-    values = _rows_contiguous(mem_values)
-    keys_normed = _rows_contiguous(mem_keys_normed)
-    if key_scales is not None:  # int8 bank: (num_kv_heads, mem_len) float32 row scales
-        key_scales = key_scales.float().contiguous()
-        value_scales = value_scales.float().contiguous()
+    q, keys, values, keys_normed, key_scales, value_scales = native_inputs(
+        query, mem_keys, mem_values, mem_keys_normed, key_scales, value_scales
+    )
+    hkv, nq, d = q.shape
+    k_eff = min(topk, mem_keys.shape[1])
     out = torch.empty((hkv, nq, d), dtype=torch.float32)
     lse = torch.empty((hkv, nq), dtype=torch.float32)
     idx = torch.empty((hkv, nq, k_eff), dtype=torch.int64)
@@ -40,6 +27,4 @@ def memory_attention_cpu(
         k_eff, scale, None if similarity_threshold is None else float(similarity_threshold),
         tensor_arg(out), tensor_arg(lse), tensor_arg(idx),
     )
-
-    return (ungroup_by_kv_head(out, b, hq, lq).to(query.dtype), ungroup_by_kv_head(lse, b, hq, lq),
-            ungroup_by_kv_head(idx, b, hq, lq))
+    return native_outputs(query, out, lse, idx)
