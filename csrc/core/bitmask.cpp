@@ -15,10 +15,6 @@
 namespace kcore {
 namespace {
 
-// -inf bit patterns: logits are written as raw bits so fp16/bf16 need no conversion.
-constexpr uint32_t kNegInfF32 = 0xFF800000u;
-constexpr uint16_t kNegInfF16 = 0xFC00u;
-constexpr uint16_t kNegInfBF16 = 0xFF80u;
 // Above this many bytes of logits per call, fully masked lines are streamed past the cache.
 constexpr int64_t kStreamingBytes = int64_t{24} << 20;
 
@@ -41,7 +37,7 @@ template <bool kStream>
 void mask_row_32bit(uint32_t* row, const int32_t* words, int64_t n) {
   const int64_t full = n / 32;
 #ifdef KCORE_BITMASK_AVX512
-  const __m512i neg_inf = _mm512_set1_epi32(static_cast<int>(kNegInfF32));
+  const __m512i neg_inf = _mm512_set1_epi32(static_cast<int>(kNegInfBitsF32));
   for (int64_t w = 0; w < full; ++w) {
     // Masked stores write only the disallowed lanes and never read the logits.
     const uint32_t drop = ~static_cast<uint32_t>(words[w]);
@@ -66,10 +62,10 @@ void mask_row_32bit(uint32_t* row, const int32_t* words, int64_t n) {
     const uint32_t keep = static_cast<uint32_t>(words[w]);
     if (keep == 0xFFFFFFFFu) continue;
     uint32_t* p = row + 32 * w;
-    for (int b = 0; b < 32; ++b) p[b] = ((keep >> b) & 1u) ? p[b] : kNegInfF32;
+    for (int b = 0; b < 32; ++b) p[b] = ((keep >> b) & 1u) ? p[b] : kNegInfBitsF32;
   }
   for (int64_t j = 32 * full; j < n; ++j)
-    if (!((static_cast<uint32_t>(words[full]) >> (j - 32 * full)) & 1u)) row[j] = kNegInfF32;
+    if (!((static_cast<uint32_t>(words[full]) >> (j - 32 * full)) & 1u)) row[j] = kNegInfBitsF32;
 #endif
 }
 
@@ -109,25 +105,25 @@ template <bool kStream>
 void mask_row(const BitmaskArgs& a, int64_t r) {
   const int32_t* words = a.bitmask + r * a.bitmask_row_stride;
   switch (a.dtype) {
-    case LogitsDtype::kFloat32:
+    case ElemType::kFloat32:
       mask_row_32bit<kStream>(static_cast<uint32_t*>(a.logits) + r * a.logits_row_stride, words, a.vocab);
       break;
-    case LogitsDtype::kFloat16:
-      mask_row_16bit<kStream>(static_cast<uint16_t*>(a.logits) + r * a.logits_row_stride, words, a.vocab, kNegInfF16);
+    case ElemType::kFloat16:
+      mask_row_16bit<kStream>(static_cast<uint16_t*>(a.logits) + r * a.logits_row_stride, words, a.vocab, kNegInfBitsF16);
       break;
-    case LogitsDtype::kBFloat16:
-      mask_row_16bit<kStream>(static_cast<uint16_t*>(a.logits) + r * a.logits_row_stride, words, a.vocab, kNegInfBF16);
+    case ElemType::kBFloat16:
+      mask_row_16bit<kStream>(static_cast<uint16_t*>(a.logits) + r * a.logits_row_stride, words, a.vocab, kNegInfBitsBF16);
+      break;
+    default:  // validate_bitmask_args admits float logits only
       break;
   }
 }
 
-int64_t element_size(LogitsDtype d) { return d == LogitsDtype::kFloat32 ? 4 : 2; }
-
 }  // namespace
 
 void validate_bitmask_args(const BitmaskArgs& a, bool indices_on_host) {
-  const int dt = static_cast<int>(a.dtype);
-  if (dt < 0 || dt > 2) throw InvalidInput("logits dtype code must be 0 (fp32), 1 (fp16) or 2 (bf16), got " + std::to_string(dt));
+  if (!is_float(a.dtype))
+    throw InvalidInput(std::string("logits must be float32, float16 or bfloat16, got ") + elem_type_name(a.dtype));
   if (a.rows < 0 || a.vocab < 0)
     throw InvalidInput("logits shape must be non-negative, got (" + std::to_string(a.rows) + ", " + std::to_string(a.vocab) + ")");
   const int64_t needed_words = (a.vocab + 31) / 32;
@@ -165,7 +161,7 @@ void apply_token_bitmask_cpu(const BitmaskArgs& a) {
   const int64_t n_rows = a.indices ? a.num_indices : a.rows;
   if (n_rows == 0 || a.vocab == 0) return;
   // Threads cost tens of microseconds to start: split only when each gets >= 2 MiB of logits.
-  const int64_t row_bytes = a.vocab * element_size(a.dtype);
+  const int64_t row_bytes = a.vocab * elem_size(a.dtype);
   const int64_t grain = std::max<int64_t>(1, (int64_t{2} << 20) / row_bytes);
   // Logits much larger than the last-level cache will not be read back from cache by the sampler
   // anyway: write fully masked lines with non-temporal stores there (see store_line).
