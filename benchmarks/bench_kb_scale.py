@@ -113,7 +113,9 @@ def id_chunks(n_facts: int):
     from bench_trie import synthetic_facts
 
     for k, start in enumerate(range(0, n_facts, ID_CHUNK)):
-        yield synthetic_facts(min(ID_CHUNK, n_facts - start), seed=k)
+        t, o = synthetic_facts(ID_CHUNK, seed=k)
+        n = min(ID_CHUNK, n_facts - start)  # a short last block: the first n facts of a full one
+        yield t[: o[n]], o[: n + 1]
 
 
 def cmd_build_ids_child(args) -> None:
@@ -219,7 +221,8 @@ def sample_id_facts(n: int):
     from bench_trie import synthetic_facts
 
     t, o = synthetic_facts(ID_CHUNK, seed=0)
-    pick = np.sort(np.random.default_rng(0).choice(o.size - 1, size=n, replace=False))
+    # From the first 1M facts of the first block: they are in every build-ids trie of >= 1M facts.
+    pick = np.sort(np.random.default_rng(0).choice(min(o.size - 1, 1_000_000), size=n, replace=False))
     rows = [t[o[i]:o[i + 1]] for i in pick]
     offsets = np.zeros(n + 1, dtype=np.int64)
     np.cumsum([len(r) for r in rows], out=offsets[1:])

@@ -189,7 +189,10 @@ def test_nested_token_lists_are_refused(tmp_path):
 
 CHILD = textwrap.dedent(
     """
-    import sys, itertools
+    import signal, sys, itertools
+    # A process started in the background by a shell inherits SIGINT ignored; Ctrl-C is what this
+    # child simulates, so it gets Python's own handler back.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from tokenizers import Tokenizer
     from kcore.trie import FactTrie
     mode, kb, out, tok = sys.argv[1:5]
