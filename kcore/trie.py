@@ -7,8 +7,9 @@ a model writes a fact, only the tokens the trie allows keep their logits.
 
 Storage: the facts are sorted and turned into the minimal acyclic automaton of their token
 sequences (a DAWG: identical fact endings such as ``" capital Paris ."`` are stored once; Daciuk et
-al. 2000), laid out as byte records with single-child runs stored without pointers (path
-compression). Each node keeps the number of facts below it, so the facts through any cursor state
+al. 2000), written out as byte records while it is built (children after their parent; single-
+child runs stored without pointers; tokens as codes ranked by frequency, so frequent tokens take
+one byte; child positions as short distances). Each node keeps the number of facts below it, so the facts through any cursor state
 form an id range (the DAWG perfect-hash numbering of Lucchesi & Kowaltowski 1993). The ``.ktrie``
 file (format in ``csrc/core/ktrie_format.h``) is written atomically and loaded with ``mmap``.
 
@@ -19,9 +20,13 @@ data section is verified only with ``verify="full"`` (or :meth:`FactTrie.verify`
 the whole file. Reads are bound-checked, so a corrupted data section that slipped through raises
 a :class:`kcore.FileFormatError` or gives wrong answers, never a crash.
 
-Limits of format version 1: vocab_size <= 2^24, fewer than 2^31 distinct facts, a data section
-below 4 GiB (about 400M facts of the geonames shape). Building keeps the automaton in memory (about
-40 bytes per DAG edge while building); the facts themselves may exceed memory (external sort).
+Limits of format version 2: vocab_size <= 2^24, fewer than 2^32 distinct facts, and a cursor state
+of 63 bits: (bits of the number of facts) + (bits of the data section's size) <= 63, i.e. facts x
+bytes below about 2^63: 1 billion facts fit in a trie of up to 8 GiB (8.6 bytes/fact; the built-in
+KB takes 8.0), 500 million in up to 16 GiB; a larger build stops with an error saying so. Memory
+while building is bounded by ``memory_budget_bytes`` (the sort buffer, then the register of
+frozen nodes; the automaton is written out as it is built), whatever the number of facts.
+Tested: ranks above 2^24 and a data section above 4 GiB (``tests/test_trie_limits.py``).
 
 A loaded file must not be modified in place (truncated or overwritten through the same inode):
 like any ``mmap`` reader, the process would then read changed bytes or die of ``SIGBUS`` on pages
@@ -50,7 +55,7 @@ from kcore.errors import InvalidInputError, TokenizerMismatchError
 __all__ = ["FactTrie", "DEAD_STATE"]
 
 DEAD_STATE = -1
-_DEFAULT_BUDGET = 1 << 30
+_DEFAULT_BUDGET = 1 << 30  # kcore.trie_build.DEFAULT_MEMORY_BUDGET
 _CHUNK = 1 << 16
 
 
@@ -75,6 +80,17 @@ def _as_states(x, name: str) -> np.ndarray:
     if a.dtype.kind not in "iu":
         raise InvalidInputError(f"{name} must hold integers, got dtype {a.dtype}")
     return _to_int64(a)
+
+
+def _is_sequence(t) -> bool:
+    return hasattr(t, "__len__") and not isinstance(t, (str, bytes))
+
+
+def _nested(batch: list, first_index: int, i: int) -> InvalidInputError:
+    return InvalidInputError(
+        f"sequences: fact {first_index + i} must be a flat sequence of token ids, got nested sequences "
+        f"({list(batch[i])[:2]!r}); pass the facts themselves, e.g. [[5, 6, 7], [8, 9, 1]]"
+    )
 
 
 def _flatten_chunk(batch: list, first_index: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -105,14 +121,20 @@ def _flatten_chunk(batch: list, first_index: int) -> Tuple[np.ndarray, np.ndarra
         tokens = None
     if tokens is None or (tokens.size and tokens.dtype.kind not in "iu"):
         for i, s in enumerate(batch):
+            if any(_is_sequence(t) for t in s):
+                raise _nested(batch, first_index, i)
             if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in s):
                 raise InvalidInputError(f"fact {first_index + i} must hold integer token ids, got {list(s)[:8]}")
             big = next((t for t in s if not -(1 << 63) <= int(t) < 1 << 63), None)
             if big is not None:  # numpy cannot hold it: name the fact here, as the builder would
                 raise InvalidInputError(f"fact {first_index + i} has token id {big}, outside the int64 range")
         tokens = np.array(list(itertools.chain.from_iterable(batch)), dtype=np.int64)
-    if tokens.dtype != np.int64 or tokens.ndim != 1:
-        tokens = _to_int64(tokens).reshape(-1)
+    if tokens.ndim != 1:
+        # Elements that are themselves sequences (a list of facts passed as one fact): numpy made
+        # a 2-D array, and flattening it would store a different fact.
+        raise _nested(batch, first_index, next(i for i, s in enumerate(batch) if any(_is_sequence(t) for t in s)))
+    if tokens.dtype != np.int64:
+        tokens = _to_int64(tokens)
     return tokens, offsets
 
 
@@ -141,6 +163,25 @@ def _iter_chunks(sequences, chunk_size: int):
             return
         yield _flatten_chunk(batch, index)
         index += len(batch)
+
+
+def _csr_block(tokens, offsets) -> Tuple[np.ndarray, np.ndarray]:
+    """Checked (tokens int32/int64, offsets int64) of facts in CSR form."""
+    tokens = np.asarray(tokens)
+    offsets = np.asarray(offsets)
+    if tokens.ndim != 1 or (tokens.size and tokens.dtype.kind not in "iu"):
+        raise InvalidInputError(f"tokens must be a 1-D integer array, got shape {tokens.shape} dtype {tokens.dtype}")
+    if offsets.ndim != 1 or offsets.size < 1 or offsets.dtype.kind not in "iu":
+        raise InvalidInputError(f"offsets must be a 1-D integer array of num_facts + 1 elements, got {offsets.shape}")
+    if tokens.dtype not in (np.int32, np.int64):
+        tokens = _to_int64(tokens)
+    offsets = offsets.astype(np.int64, copy=False)
+    if offsets[0] != 0 or offsets[-1] != tokens.size or np.any(np.diff(offsets) < 0):
+        raise InvalidInputError(
+            f"offsets must start at 0, be non-decreasing and end at len(tokens)={tokens.size}; "
+            f"got first {offsets[0]}, last {offsets[-1]}"
+        )
+    return tokens, offsets
 
 
 class FactTrie:
@@ -183,16 +224,23 @@ class FactTrie:
             sequences: the facts, each a sequence of token ids: an iterable or generator of lists
                 or 1-D integer numpy arrays (ragged is fine), or a 2-D integer numpy array
                 ``(num_facts, length)``. Identical facts are stored once.
-            path: the output file (``.ktrie``); written to a temporary name in the same folder
-                and renamed, so a reader never sees a partial file.
+            path: the output file (``.ktrie``); written unnamed in the same folder and given its
+                name only when complete, so a reader never sees a partial file and a failed or
+                interrupted build leaves nothing.
             vocab_size: the tokenizer's vocabulary size; every id must lie in ``[0, vocab_size)``.
             tokenizer_fingerprint: recorded in the header (see :func:`kcore.tokenizer.tokenizer_fingerprint`);
                 :meth:`load` with a tokenizer compares it.
             memory_budget_bytes: size of the in-memory sequence buffer (about 4 bytes per token plus
-                32 per fact, sorting included). Beyond it, sorted runs are spilled to ``tmp_dir`` and merged (external
-                sort), so the input may be larger than memory; the automaton itself must fit.
-            progress: show a tqdm progress bar over the facts read.
-            tmp_dir: folder of the spilled runs (default: the folder of ``path``).
+                32 per fact, sorting included). Beyond it, sorted runs are spilled to ``tmp_dir``
+                (front-coded, several times smaller than the tokens) and merged (external sort).
+                The automaton is written out while it is built; its register of shared suffixes
+                gets the same budget (at least 64 MiB; half of it while an unspilled buffer is
+                alive). Peak memory is therefore about the budget whatever the number of facts;
+                past the register's capacity a suffix seen long before may be stored twice (a
+                slightly larger file, same facts).
+            progress: show tqdm progress bars (facts read, then the merge) with rates and ETA.
+            tmp_dir: folder of the scratch files (default: the folder of ``path``); they are
+                unnamed, so nothing remains there whatever ends the build.
 
         Returns:
             The loaded :class:`FactTrie`; ``build_stats`` holds the counts of the build.
@@ -203,6 +251,8 @@ class FactTrie:
             OSError: the file or the runs cannot be written.
         """
         vocab_size = cls._check_vocab_size(vocab_size)
+        if isinstance(sequences, (str, bytes)):
+            raise InvalidInputError(f"sequences must be an iterable of token-id sequences, got a {type(sequences).__name__}")
         total = len(sequences) if hasattr(sequences, "__len__") else None
         return cls._build_chunks(
             _iter_chunks(sequences, _CHUNK),
@@ -224,20 +274,7 @@ class FactTrie:
         Other arguments and errors as in :meth:`build`.
         """
         vocab_size = cls._check_vocab_size(vocab_size)
-        tokens = np.asarray(tokens)
-        offsets = np.asarray(offsets)
-        if tokens.ndim != 1 or (tokens.size and tokens.dtype.kind not in "iu"):
-            raise InvalidInputError(f"tokens must be a 1-D integer array, got shape {tokens.shape} dtype {tokens.dtype}")
-        if offsets.ndim != 1 or offsets.size < 1 or offsets.dtype.kind not in "iu":
-            raise InvalidInputError(f"offsets must be a 1-D integer array of num_facts + 1 elements, got {offsets.shape}")
-        if tokens.dtype not in (np.int32, np.int64):
-            tokens = _to_int64(tokens)
-        offsets = offsets.astype(np.int64, copy=False)
-        if offsets[0] != 0 or offsets[-1] != tokens.size or np.any(np.diff(offsets) < 0):
-            raise InvalidInputError(
-                f"offsets must start at 0, be non-decreasing and end at len(tokens)={tokens.size}; "
-                f"got first {offsets[0]}, last {offsets[-1]}"
-            )
+        tokens, offsets = _csr_block(tokens, offsets)
 
         def chunks():
             n = offsets.size - 1
@@ -247,6 +284,25 @@ class FactTrie:
                 yield tokens[o[0] : o[-1]], o - o[0]
 
         return cls._build_chunks(chunks(), path, total=offsets.size - 1, vocab_size=vocab_size, **build_kwargs)
+
+    @classmethod
+    def build_from_chunks(cls, chunks, path, *, vocab_size: int, total: Optional[int] = None, **build_kwargs) -> "FactTrie":
+        """Build from a stream of CSR blocks of facts, e.g. a pre-tokenized KB read piece by piece.
+
+        Args:
+            chunks: an iterable of ``(tokens, offsets)`` pairs, each as in :meth:`build_from_arrays`
+                (fact ``i`` of a block is ``tokens[offsets[i]:offsets[i + 1]]``); only one block is
+                held at a time.
+            total: the number of facts, if known (for the progress bar's ETA).
+            Other arguments and errors as in :meth:`build`.
+        """
+        vocab_size = cls._check_vocab_size(vocab_size)
+
+        def checked():
+            for tokens, offsets in chunks:
+                yield _csr_block(tokens, offsets)
+
+        return cls._build_chunks(checked(), path, total=total, vocab_size=vocab_size, **build_kwargs)
 
     @classmethod
     def from_facts(
@@ -278,7 +334,7 @@ class FactTrie:
             InvalidInputError: ``facts`` is a single string; a fact that is not a string or is
                 empty / whitespace only (the message names its index), or a token id >= len(tokenizer).
         """
-        from kcore.tokenizer import tokenizer_fingerprint
+        from kcore.trie_build import build_from_text
 
         if "vocab_size" in build_kwargs or "tokenizer_fingerprint" in build_kwargs:
             raise InvalidInputError("from_facts takes vocab_size and tokenizer_fingerprint from the tokenizer")
@@ -286,31 +342,85 @@ class FactTrie:
             raise InvalidInputError(f"batch_size must be >= 1, got {batch_size}")
         if isinstance(facts, (str, bytes)):  # iterating it would make one "fact" per character
             raise InvalidInputError(f"facts must be an iterable of strings, got a single {type(facts).__name__}: {facts[:40]!r}")
-        fingerprint = tokenizer_fingerprint(tokenizer)
-        vocab_size = len(tokenizer)
         total = len(facts) if hasattr(facts, "__len__") else None
 
-        def chunks():
+        def batches():
             it = iter(facts)
-            index = 0
             while True:
                 batch = list(itertools.islice(it, batch_size))
                 if not batch:
                     return
-                texts = []
-                for i, f in enumerate(batch):
-                    if not isinstance(f, str):
-                        raise InvalidInputError(f"fact {index + i} must be a str, got {type(f).__name__}")
-                    if not f.strip():
-                        raise InvalidInputError(f"fact {index + i} is empty or whitespace only: {f!r}")
-                    texts.append(" " + f if leading_space and not f[:1].isspace() else f)
-                ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-                yield _flatten_chunk(ids, index)
-                index += len(batch)
+                yield batch
 
-        return cls._build_chunks(
-            chunks(), path, total=total, vocab_size=vocab_size, tokenizer_fingerprint=fingerprint, **build_kwargs
-        )
+        stats = build_from_text(batches(), tokenizer, path, leading_space=leading_space, total=total, **build_kwargs)
+        return cls(native().Trie(os.fspath(path), False), build_stats=stats)
+
+    @classmethod
+    def from_kb_file(
+        cls,
+        kb_path,
+        tokenizer,
+        path,
+        *,
+        template: str = "{subject} {relation} {object} .",
+        bad_lines: str = "error",
+        leading_space: bool = True,
+        batch_size: int = 8192,
+        **build_kwargs,
+    ) -> "FactTrie":
+        """Stream a knowledge-base file into a trie: read, verbalize, tokenize and build in bounded memory.
+
+        The file is read line by line (:mod:`kcore.kb_files`: ``.tsv`` / ``.jsonl`` triples or
+        ``.txt`` facts, plain or ``.gz`` / ``.bz2`` / ``.xz`` / ``.zst``), tokenized in batches
+        (:mod:`kcore.fact_tokenizer`) while the native builder sorts and merges under
+        ``memory_budget_bytes`` (:mod:`kcore.trie_build`); memory does not grow with the KB.
+
+        Args:
+            kb_path: the knowledge-base file.
+            tokenizer: a Hugging Face tokenizer (see :meth:`from_facts`).
+            path: the output ``.ktrie`` file (written atomically; nothing is left if the build
+                fails or is interrupted).
+            template: verbalization of triples (ignored for ``.txt``).
+            bad_lines: ``"error"``: stop at the first malformed line (FileFormatError naming
+                ``file:line``); ``"skip"``: skip and count them (``build_stats["bad_lines"]``, the
+                first messages in ``build_stats["bad_line_examples"]``, and a warning).
+            leading_space, batch_size: as :meth:`from_facts`.
+            **build_kwargs: ``memory_budget_bytes``, ``progress``, ``tmp_dir``, ``word_cache``.
+
+        Raises:
+            KcoreError: the file does not exist; FileFormatError: a malformed line (with
+            ``bad_lines="error"``) or corrupted compressed data, or no fact at all;
+            InvalidInputError: unknown format or bad arguments.
+        """
+        import warnings
+
+        from kcore.kb_files import ReadReport, iter_fact_batches
+        from kcore.errors import FileFormatError
+        from kcore.trie_build import build_from_text
+
+        report = ReadReport(os.fspath(kb_path))
+        batches = iter_fact_batches(kb_path, template=template, bad_lines=bad_lines, batch_size=batch_size, report=report)
+
+        def estimate_total():
+            # Facts so far scaled by the bytes of the file read so far (compressed bytes for a
+            # compressed file): the progress bar's ETA.
+            if report.bytes_read and report.file_bytes:
+                return int(report.facts * report.file_bytes / report.bytes_read)
+            return None
+
+        try:
+            stats = build_from_text(batches, tokenizer, path, leading_space=leading_space, estimate_total=estimate_total, **build_kwargs)
+        except InvalidInputError as e:
+            if report.facts == 0 and "sequences is empty" in str(e):
+                raise FileFormatError(f"{kb_path}: no facts in the file ({report.lines} lines, {report.bad_lines} bad)") from None
+            raise
+        stats.update(lines=report.lines, bad_lines=report.bad_lines, bad_line_examples=list(report.examples))
+        if report.bad_lines:
+            warnings.warn(
+                f"{kb_path}: skipped {report.bad_lines} malformed line(s) of {report.lines}; first: {report.examples[0]}",
+                stacklevel=2,
+            )
+        return cls(native().Trie(os.fspath(path), False), build_stats=stats)
 
     @staticmethod
     def _check_vocab_size(vocab_size) -> int:
@@ -319,38 +429,11 @@ class FactTrie:
         return int(vocab_size)
 
     @classmethod
-    def _build_chunks(
-        cls,
-        chunks,
-        path,
-        *,
-        total,
-        vocab_size: int,
-        tokenizer_fingerprint: str = "",
-        memory_budget_bytes: int = _DEFAULT_BUDGET,
-        progress: bool = True,
-        tmp_dir=None,
-    ) -> "FactTrie":
-        path = os.fspath(path)
-        if os.path.isdir(path):  # checked now, not after a long build when the rename fails
-            raise IsADirectoryError(f"cannot write the trie to '{path}': it is a directory; give a file path")
-        if not isinstance(tokenizer_fingerprint, str):
-            raise InvalidInputError(f"tokenizer_fingerprint must be a str, got {type(tokenizer_fingerprint).__name__}")
-        if isinstance(memory_budget_bytes, bool) or not isinstance(memory_budget_bytes, (int, np.integer)) or memory_budget_bytes < 1:
-            raise InvalidInputError(f"memory_budget_bytes must be a positive int, got {memory_budget_bytes!r}")
-        folder = os.path.dirname(os.path.abspath(path))
-        tmp_dir = os.fspath(tmp_dir) if tmp_dir is not None else folder
-        builder = native().TrieBuilder(vocab_size, int(memory_budget_bytes), tmp_dir)
-        from tqdm.auto import tqdm
+    def _build_chunks(cls, chunks, path, *, total, vocab_size: int, **build_kwargs) -> "FactTrie":
+        from kcore.trie_build import run_builder
 
-        with tqdm(total=total, unit="facts", desc="reading facts", disable=not progress) as bar:
-            for tokens, offsets in chunks:
-                builder.add(tokens, offsets)
-                bar.update(offsets.size - 1)
-            bar.set_postfix_str("sorting and building the DAG", refresh=True)
-            stats = builder.finish(path, tokenizer_fingerprint)
-            bar.set_postfix_str(f"{stats['num_facts']} distinct facts, {stats['file_bytes']} bytes", refresh=True)
-        return cls(native().Trie(path, False), build_stats=stats)
+        stats = run_builder(chunks, path, total=total, vocab_size=vocab_size, **build_kwargs)
+        return cls(native().Trie(os.fspath(path), False), build_stats=stats)
 
     @classmethod
     def load(cls, path, *, tokenizer=None, verify: str = "header") -> "FactTrie":

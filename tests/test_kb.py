@@ -108,3 +108,32 @@ def test_builtin_kb_filters():
     big = kb.default_triples(countries=False, min_city_population=5_000_000)
     assert 10 < len({t.subject for t in big}) < 100
     assert all(int(t.object) >= 5_000_000 for t in big if t.relation == "population")
+
+
+@pytest.mark.slow
+def test_builtin_large_kb():
+    import airportsdata
+
+    frankfurt = airportsdata.load("ICAO")["EDDF"]["name"]
+    expected = {
+        "Zermatt country Switzerland .",           # GeoNames cities500 (6,629 inhabitants)
+        "Zermatt timezone Europe/Zurich .",
+        "Zermatt alternative name Cermatt .",
+        "Munich alternative name Minga .",
+        "Ad-Damazin state Blue Nile .",            # countrystatecity-countries
+        "Blue Nile country Sudan .",
+        f"{frankfurt} ICAO code EDDF .",            # airportsdata
+        f"{frankfurt} IATA code FRA .",
+        "Japan capital Tokyo .",                   # the countries of the small KB
+    }
+    seen, n, relations = set(), 0, set()
+    for fact in kb.large_facts():
+        n += 1
+        if fact in expected:
+            seen.add(fact)
+        relations.add(fact)  # distinct facts
+    assert seen == expected
+    assert 1_900_000 < n < 2_200_000 and 1_800_000 < len(relations) < 2_000_000
+    assert kb.builtin_facts("builtin") == kb.default_facts()
+    with pytest.raises(InvalidInputError, match="unknown built-in knowledge base"):
+        kb.builtin_facts("builtin-huge")

@@ -22,14 +22,55 @@ namespace {
 using I64Array = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
 using I32Array = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
 
+// A TrieBuilder with its Python-side progress hook. Long native loops call the hook now and then:
+// it takes the GIL, runs pending signal handlers (so Ctrl-C and SIGTERM handlers run during a
+// build of many minutes) and the Python callback; an exception from either stops the build
+// (kcore::Cancelled through the core, which frees its temporary files) and is re-raised here.
+struct PyTrieBuilder {
+  PyTrieBuilder(int64_t vocab_size, int64_t budget, const std::string& tmp_dir) : b(vocab_size, budget, tmp_dir) {
+    b.set_progress([this](BuildPhase phase, uint64_t done) {
+      py::gil_scoped_acquire gil;
+      if (PyErr_CheckSignals() != 0) {
+        pending = std::make_shared<py::error_already_set>();
+        throw Cancelled();
+      }
+      if (!callback.is_none()) {
+        try {
+          callback(static_cast<int>(phase), done);
+        } catch (py::error_already_set& e) {
+          pending = std::make_shared<py::error_already_set>(std::move(e));
+          throw Cancelled();
+        }
+      }
+    });
+  }
+  // Runs fn without the GIL; re-raises the Python error that cancelled it.
+  template <typename Fn>
+  auto run(Fn&& fn) {
+    try {
+      py::gil_scoped_release release;
+      return fn();
+    } catch (const Cancelled&) {
+      std::shared_ptr<py::error_already_set> e = std::move(pending);
+      if (e) throw *e;
+      throw;
+    }
+  }
+  TrieBuilder b;
+  py::object callback = py::none();
+  std::shared_ptr<py::error_already_set> pending;
+};
+
 template <typename Array>
-void add_sequences(TrieBuilder& b, const Array& tokens, const I64Array& offsets) {
+void add_sequences(PyTrieBuilder& b, const Array& tokens, const I64Array& offsets) {
   CHECK_DIM(1, tokens);
   CHECK_DIM(1, offsets);
   if (offsets.size() < 1) throw InvalidInput("offsets must have at least one element");
   const int64_t n = offsets.size() - 1;
-  py::gil_scoped_release release;
-  b.add(tokens.data(), tokens.size(), offsets.data(), n);
+  b.run([&] {
+    b.b.add(tokens.data(), tokens.size(), offsets.data(), n);
+    return 0;
+  });
 }
 
 I64Array new_like(int64_t n) { return I64Array(n); }
@@ -39,12 +80,12 @@ I64Array new_like(int64_t n) { return I64Array(n); }
 void register_trie(py::module_& m) {
   // File-system errors of the builder and loader (std::system_error) surface as OSError through the
   // module's exception translator (module.cpp).
-  py::class_<TrieBuilder>(m, "TrieBuilder", "Sort-based external-memory builder of a .ktrie file (see kcore.trie).")
+  py::class_<PyTrieBuilder>(m, "TrieBuilder", "Sort-based external-memory builder of a .ktrie file (see kcore.trie).")
       .def(py::init<int64_t, int64_t, std::string>(), py::arg("vocab_size"), py::arg("memory_budget_bytes"),
            py::arg("tmp_dir"))
       .def(
           "add",
-          [](TrieBuilder& b, const py::array& tokens, const I64Array& offsets) {
+          [](PyTrieBuilder& b, const py::array& tokens, const I64Array& offsets) {
             if (py::isinstance<py::array_t<int32_t>>(tokens)) {
               add_sequences(b, I32Array::ensure(tokens), offsets);
             } else {
@@ -53,15 +94,16 @@ void register_trie(py::module_& m) {
           },
           py::arg("tokens"), py::arg("offsets"),
           "Add sequences tokens[offsets[i]:offsets[i+1]] (tokens int32 or int64, offsets int64).")
-      .def_property_readonly("num_added", &TrieBuilder::num_added)
+      .def_property_readonly("num_added", [](const PyTrieBuilder& b) { return b.b.num_added(); })
+      .def_property(
+          "progress", [](const PyTrieBuilder& b) { return b.callback; },
+          [](PyTrieBuilder& b, py::object fn) { b.callback = std::move(fn); },
+          "None or a callable (phase: 0 spill, 1 merge, 2 write; done: count) run now and then during long "
+          "native work; an exception it raises cancels the build.")
       .def(
           "finish",
-          [](TrieBuilder& b, const std::string& path, const std::string& fingerprint) {
-            TrieBuildStats s;
-            {
-              py::gil_scoped_release release;
-              s = b.finish(path, fingerprint);
-            }
+          [](PyTrieBuilder& b, const std::string& path, const std::string& fingerprint) {
+            const TrieBuildStats s = b.run([&] { return b.b.finish(path, fingerprint); });
             py::dict d;
             d["num_input"] = s.num_input;
             d["num_facts"] = s.num_facts;
@@ -70,6 +112,8 @@ void register_trie(py::module_& m) {
             d["num_trie_nodes"] = s.num_trie_nodes;
             d["num_runs"] = s.num_runs;
             d["file_bytes"] = s.file_bytes;
+            d["peak_temp_bytes"] = s.peak_temp_bytes;
+            d["register_generations"] = s.register_generations;
             return d;
           },
           py::arg("path"), py::arg("tokenizer_fingerprint"));

@@ -11,4 +11,18 @@ namespace kcore {
 // next to reading it from disk.
 uint64_t checksum64(const void* data, size_t size, uint64_t seed = 0);
 
+// The same checksum over bytes given in pieces: update() any number of times, then digest()
+// equals checksum64 of the concatenation. Used to checksum a file while it is written.
+class Checksum64Stream {
+ public:
+  explicit Checksum64Stream(uint64_t seed = 0);
+  void update(const void* data, size_t size);
+  uint64_t digest() const;
+
+ private:
+  uint64_t seed_, v_[4], total_ = 0;
+  unsigned char tail_[32];
+  size_t tail_len_ = 0;
+};
+
 }  // namespace kcore

@@ -16,4 +16,9 @@ struct FileFormat : std::runtime_error {
   explicit FileFormat(const std::string& what) : std::runtime_error(what) {}
 };
 
+// Thrown by a progress callback to stop a long operation (the caller keeps the reason).
+struct Cancelled : std::runtime_error {
+  Cancelled() : std::runtime_error("cancelled") {}
+};
+
 }  // namespace kcore

@@ -34,9 +34,6 @@ void for_rows(int64_t n, const Fn& fn) {
   }
 }
 
-inline int64_t make_state(uint64_t offset, uint64_t rank) { return static_cast<int64_t>((rank << 32) | offset); }
-inline uint64_t state_offset(int64_t s) { return static_cast<uint64_t>(s) & 0xffffffffu; }
-inline uint64_t state_rank(int64_t s) { return static_cast<uint64_t>(s) >> 32; }
 }  // namespace
 
 void Trie::corrupt(const std::string& what) const { throw FileFormat("'" + path_ + "': " + what); }
@@ -75,18 +72,24 @@ Trie::Trie(const std::string& path, bool verify) : path_(path) {
     if (h_.file_size != size_)
       corrupt("truncated or extended: the header says " + std::to_string(h_.file_size) + " bytes, the file has " +
               std::to_string(size_));
-    const bool ok = h_.header_size == kHeaderSize && h_.data_offset == kHeaderSize &&
-                    h_.data_offset + h_.data_size == size_ && h_.data_size > kDataPad &&
-                    (h_.token_bytes == 2 || h_.token_bytes == 3) && (h_.target_bytes == 3 || h_.target_bytes == 4) &&
-                    (h_.rank_bytes == 3 || h_.rank_bytes == 4) && h_.root_offset < h_.data_size - kDataPad && h_.vocab_size >= 1 &&
-                    h_.fingerprint_len <= kMaxFingerprint && h_.num_facts >= 1 && h_.num_facts < (uint64_t{1} << 31) &&
-                    h_.data_size - kDataPad <= (uint64_t{1} << (8 * h_.target_bytes));
+    const uint64_t table_bytes = h_.table_count * h_.token_bytes;
+    const bool ok =
+        h_.header_size == kHeaderSize && h_.table_offset == kHeaderSize && h_.table_count <= h_.vocab_size &&
+        h_.data_offset == h_.table_offset + (table_bytes + 7) / 8 * 8 && h_.data_offset <= size_ &&
+        h_.data_size <= size_ && h_.data_offset + h_.data_size == size_ && h_.data_size > kDataPad &&
+        (h_.token_bytes == 2 || h_.token_bytes == 3) && h_.root_offset < h_.data_size - kDataPad &&
+        h_.vocab_size >= 1 && h_.vocab_size <= (1u << 24) && h_.fingerprint_len <= kMaxFingerprint &&
+        h_.num_facts >= 1 && h_.num_facts < (uint64_t{1} << 32) && h_.state_offset_bits >= 1 &&
+        h_.state_offset_bits < kStateBits && h_.data_size - kDataPad <= (uint64_t{1} << h_.state_offset_bits) &&
+        bit_width(h_.num_facts - 1) <= kStateBits - h_.state_offset_bits;
     if (!ok) corrupt("inconsistent header fields (section table)");
     data_ = map_ + h_.data_offset;
     data_end_ = h_.data_size - kDataPad;
+    table_ = map_ + h_.table_offset;
+    table_count_ = h_.table_count;
     tb_ = h_.token_bytes;
-    ab_ = h_.target_bytes;
-    rb_ = h_.rank_bytes;
+    ob_ = h_.state_offset_bits;
+    offset_mask_ = (uint64_t{1} << ob_) - 1;
     if (verify) verify_data();
   } catch (...) {
     if (map_) ::munmap(const_cast<uint8_t*>(map_), size_);
@@ -100,7 +103,16 @@ Trie::~Trie() {
 }
 
 void Trie::verify_data() const {
-  if (checksum64(data_, h_.data_size) != h_.data_checksum) corrupt("data section is corrupted (checksum mismatch)");
+  if (checksum64(map_ + kHeaderSize, size_ - kHeaderSize) != h_.data_checksum)
+    corrupt("data section is corrupted (checksum mismatch)");
+}
+
+uint32_t Trie::token_of_code(uint64_t code) const {
+  if (code >= table_count_) corrupt("token code " + std::to_string(code) + " out of range");
+  // Checked here so that a corrupted table cannot make a caller index past its vocabulary.
+  const uint32_t t = static_cast<uint32_t>(load_uint(table_ + code * tb_, tb_));
+  if (t >= h_.vocab_size) corrupt("token id " + std::to_string(t) + " >= vocab_size in the token table");
+  return t;
 }
 
 Trie::Node Trie::decode(uint64_t off) const {
@@ -109,8 +121,8 @@ Trie::Node Trie::decode(uint64_t off) const {
   Node n;
   n.kind = kind_of(head);
   n.final = (head & kFinalBit) != 0;
-  n.next_child = -1;
-  n.tokens = n.targets = n.ranks = nullptr;
+  n.tokens = n.deltas = n.ranks = nullptr;
+  n.delta_width = n.rank_width = 0;
   uint64_t p = off + 1;
   auto varint = [&]() {
     uint64_t v = 0;
@@ -125,58 +137,110 @@ Trie::Node Trie::decode(uint64_t off) const {
     case kLeaf:
       n.degree = 0;
       n.count = 1;
-      break;
-    case kChain:
+      n.end = p;
+      return n;
+    case kChain: {
       n.degree = 1;
-      n.next_child = 0;
       n.count = 0;
-      n.tokens = data_ + p;
-      p += tb_;
+      const unsigned c = head & 31u;
+      n.tok[0] = token_of_code(c > 0 ? c - 1 : varint());
+      n.end = p;
+      n.tgt[0] = p;
       break;
+    }
     case kSmall: {
       n.degree = ((head >> 1) & 15u) + 1;
-      const bool flag = head & 1;
-      n.count = varint();
-      if (flag) n.next_child = 0;
-      n.tokens = data_ + p;
-      p += uint64_t{n.degree} * tb_;
-      n.targets = data_ + p;
-      p += uint64_t{n.degree - (flag ? 1u : 0u)} * ab_;
+      const bool next = head & 1;
+      n.count = n.degree > 1 ? varint() : 0;  // one child: see count_of
+      for (uint32_t i = 0; i < n.degree; ++i) n.tok[i] = token_of_code(varint());
+      uint64_t target[kSmallMaxDegree];
+      const uint32_t stored = n.degree - (next ? 1u : 0u);
+      for (uint32_t i = 0; i < stored; ++i) target[i] = varint();
+      n.end = p;
+      for (uint32_t i = 0; i < stored; ++i) n.tgt[i] = small_target(target[i], p, off);
+      if (next) n.tgt[n.degree - 1] = p;
       break;
     }
     default: {
       const uint64_t d = varint();
-      if (d > h_.vocab_size) corrupt("bad record at offset " + std::to_string(off));
+      if (d == 0 || d > h_.vocab_size) corrupt("bad record at offset " + std::to_string(off));
       n.degree = static_cast<uint32_t>(d);
       n.count = varint();
+      n.delta_width = ((head >> 2) & 7u) + 1;
+      n.rank_width = (head & 3u) + 1;
       n.tokens = data_ + p;
       p += d * tb_;
-      n.targets = data_ + p;
-      p += d * ab_;
+      n.deltas = data_ + p;
+      p += d * n.delta_width;
       n.ranks = data_ + p;
-      p += d * rb_;
+      p += d * n.rank_width;
+      n.end = p;
     }
   }
-  if (p > data_end_) corrupt("record at offset " + std::to_string(off) + " runs past the data section");
-  n.end = p;
+  if (n.end > data_end_) corrupt("record at offset " + std::to_string(off) + " runs past the data section");
   return n;
 }
 
+uint64_t Trie::small_target(uint64_t v, uint64_t record_end, uint64_t off) const {
+  const uint64_t x = v >> 1;
+  if (v & 1) {  // distance from the end of the data section
+    if (x == 0 || x > data_end_) corrupt("edge target out of range in the record at offset " + std::to_string(off));
+    return data_end_ - x;
+  }
+  if (x >= data_end_ - std::min(record_end, data_end_))
+    corrupt("edge target out of range in the record at offset " + std::to_string(off));
+  return record_end + x;
+}
+
 uint64_t Trie::target(const Node& n, uint32_t i) const {
-  if (static_cast<int32_t>(i) == n.next_child) return n.end;
-  const uint32_t slot = n.next_child == 0 ? i - 1 : i;
-  const uint64_t t = load_uint(n.targets + uint64_t{slot} * ab_, ab_);
-  if (t >= data_end_) corrupt("edge target " + std::to_string(t) + " out of range");
-  return t;
+  if (n.kind != kLarge) return n.tgt[i];
+  const uint64_t delta = load_uint(n.deltas + uint64_t{i} * n.delta_width, n.delta_width);
+  if (delta >= data_end_ - std::min(n.end, data_end_)) corrupt("edge target out of range");
+  return n.end + delta;
 }
 
 uint64_t Trie::count_of(uint64_t off) const {
+  // Reads only as much of each record as the count needs: CHAIN runs are followed to the first
+  // record that stores one.
   uint64_t extra = 0;
   for (;;) {
-    const Node n = decode(off);
-    if (n.kind != kChain) return extra + n.count;
-    extra += n.final ? 1 : 0;
-    off = n.end;
+    if (off >= data_end_) corrupt("node offset " + std::to_string(off) + " out of range");
+    const uint8_t head = data_[off];
+    uint64_t p = off + 1;
+    auto varint = [&]() {
+      uint64_t v = 0;
+      for (unsigned shift = 0; shift < 64 && p < data_end_; shift += 7) {
+        const uint8_t b = data_[p++];
+        v |= uint64_t{b & 127u} << shift;
+        if (b < 128) return v;
+      }
+      corrupt("bad varint at offset " + std::to_string(p));
+    };
+    switch (kind_of(head)) {
+      case kLeaf:
+        return extra + 1;
+      case kChain:
+        extra += (head & kFinalBit) ? 1 : 0;
+        if ((head & 31u) == 0) varint();
+        off = p;
+        break;
+      case kSmall:
+        if (((head >> 1) & 15u) == 0) {  // one child, no stored count: final + the child's
+          extra += (head & kFinalBit) ? 1 : 0;
+          varint();  // token code
+          if (head & 1) {
+            off = p;  // the child is the next record
+          } else {
+            const uint64_t v = varint();
+            off = small_target(v, p, off);
+          }
+          break;
+        }
+        return extra + varint();
+      default:
+        varint();
+        return extra + varint();
+    }
   }
 }
 
@@ -193,21 +257,17 @@ int64_t Trie::find(const Node& n, uint32_t tok) const {
     }
     return lo < n.degree && token(n, lo) == tok ? static_cast<int64_t>(lo) : int64_t{-1};
   }
-  // SMALL and CHAIN: at most 16 children, not all in token order (see ktrie_format.h).
   for (uint32_t i = 0; i < n.degree; ++i) {
-    if (token(n, i) == tok) return i;
+    if (n.tok[i] >= tok) return n.tok[i] == tok ? static_cast<int64_t>(i) : int64_t{-1};
   }
   return -1;
 }
 
 uint64_t Trie::child_rank(const Node& n, uint32_t i) const {
-  if (n.kind == kLarge) return load_uint(n.ranks + uint64_t{i} * rb_, rb_);
-  // The facts of the children with smaller tokens come first.
-  const uint32_t t = token(n, i);
+  if (n.kind == kLarge) return load_uint(n.ranks + uint64_t{i} * n.rank_width, n.rank_width);
+  // Children are in token order: the facts of the children before i come first.
   uint64_t r = n.final ? 1 : 0;
-  for (uint32_t k = 0; k < n.degree; ++k) {
-    if (token(n, k) < t) r += count_of(target(n, k));
-  }
+  for (uint32_t k = 0; k < i; ++k) r += count_of(n.tgt[k]);
   return r;
 }
 
@@ -253,7 +313,6 @@ void Trie::next_tokens(int64_t s, std::vector<int32_t>* out) const {
   const Node n = decode(state_offset(s));
   out->resize(n.degree);
   for (uint32_t i = 0; i < n.degree; ++i) (*out)[i] = static_cast<int32_t>(token(n, i));
-  if (n.next_child == 0 && n.kind == kSmall) std::sort(out->begin(), out->end());
 }
 
 void Trie::step(const int64_t* states, const int64_t* tokens, int64_t n, int64_t* out) const {
@@ -303,25 +362,21 @@ void Trie::fill_row(int64_t s, uint32_t* row, int64_t words, const int64_t* writ
   const int64_t* end = written + num_written;
   if (n.kind == kLarge) {
     for (uint32_t i = 0; i < n.degree; ++i) {
-      const uint64_t r = load_uint(n.ranks + uint64_t{i} * rb_, rb_);
-      const uint64_t r_next = i + 1 < n.degree ? load_uint(n.ranks + uint64_t{i + 1} * rb_, rb_) : n.count;
+      const uint64_t r = load_uint(n.ranks + uint64_t{i} * n.rank_width, n.rank_width);
+      const uint64_t r_next =
+          i + 1 < n.degree ? load_uint(n.ranks + uint64_t{i + 1} * n.rank_width, n.rank_width) : n.count;
       if (!range_written(written, end, base + static_cast<int64_t>(r), static_cast<int64_t>(r_next - r))) {
         set(token(n, i));
       }
     }
     return;
   }
-  // SMALL / CHAIN: child i's facts start after those of the children with smaller tokens.
-  uint32_t tokens[kSmallMaxDegree];
-  uint64_t counts[kSmallMaxDegree];
+  // SMALL / CHAIN: children in token order, child i's facts right after those of child i - 1.
+  uint64_t r = n.final ? 1 : 0;
   for (uint32_t i = 0; i < n.degree; ++i) {
-    tokens[i] = token(n, i);
-    counts[i] = count_of(target(n, i));
-  }
-  for (uint32_t i = 0; i < n.degree; ++i) {
-    uint64_t r = n.final ? 1 : 0;
-    for (uint32_t k = 0; k < n.degree; ++k) r += tokens[k] < tokens[i] ? counts[k] : 0;
-    if (!range_written(written, end, base + static_cast<int64_t>(r), static_cast<int64_t>(counts[i]))) set(tokens[i]);
+    const uint64_t c = count_of(n.tgt[i]);
+    if (!range_written(written, end, base + static_cast<int64_t>(r), static_cast<int64_t>(c))) set(n.tok[i]);
+    r += c;
   }
 }
 

@@ -1,10 +1,10 @@
 // Reading a .ktrie file (see ktrie_format.h): memory-mapped, validated, immutable, so one loaded
 // trie may be queried from many threads at once.
 //
-// A cursor state is an int64: (fact rank << 32) | node offset, or -1 for a dead state. The rank
-// is the id of the first fact through the node on the path taken (facts numbered in
-// lexicographic order of their token sequences), which a DAG node alone cannot tell since it is
-// shared by many paths.
+// A cursor state is a non-negative int64: (fact rank << state_offset_bits) | record offset, or -1
+// for a dead state (state_offset_bits is chosen per file, see ktrie_format.h). The rank is the id
+// of the first fact through the node on the path taken (facts numbered in lexicographic order of
+// their token sequences), which a DAG node alone cannot tell since it is shared by many paths.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -34,7 +34,7 @@ class Trie {
   uint64_t num_trie_nodes() const { return h_.num_trie_nodes; }
   uint64_t file_bytes() const { return size_; }
   std::string fingerprint() const { return std::string(h_.fingerprint, h_.fingerprint_len); }
-  int64_t root_state() const { return static_cast<int64_t>(h_.root_offset); }
+  int64_t root_state() const { return make_state(h_.root_offset, 0); }
 
   // Single-state queries. States outside this trie throw InvalidInput.
   int64_t step(int64_t state, int64_t token) const;  // -1 when no fact continues with token
@@ -54,24 +54,35 @@ class Trie {
                     const int64_t* written_offsets, const int64_t* written_ids) const;
 
  private:
+  // A decoded record. CHAIN and SMALL records are decoded whole (at most 16 children, varint
+  // coded); LARGE records keep pointers into their fixed-width arrays.
   struct Node {
     uint8_t kind;
     bool final;
     uint32_t degree;
-    int32_t next_child;  // index of the child stored right after the record, or -1
-    uint64_t count;      // facts through the node (not stored for CHAIN: see count_of)
-    const uint8_t* tokens;
-    const uint8_t* targets;
+    uint64_t count;  // facts through the node (not stored for CHAIN: see count_of)
+    uint64_t end;    // offset just past the record
+    uint32_t tok[ktrie::kSmallMaxDegree];  // CHAIN / SMALL: tokens, ascending
+    uint64_t tgt[ktrie::kSmallMaxDegree];  // CHAIN / SMALL: child offsets
+    const uint8_t* tokens;                 // LARGE
+    const uint8_t* deltas;
     const uint8_t* ranks;
-    uint64_t end;  // offset just past the record
+    unsigned delta_width, rank_width;
   };
   Node decode(uint64_t offset) const;
   uint64_t count_of(uint64_t offset) const;
-  uint32_t token(const Node& n, uint32_t i) const { return static_cast<uint32_t>(ktrie::load_uint(n.tokens + i * tb_, tb_)); }
+  uint32_t token(const Node& n, uint32_t i) const {
+    return n.kind == ktrie::kLarge ? static_cast<uint32_t>(ktrie::load_uint(n.tokens + uint64_t{i} * tb_, tb_)) : n.tok[i];
+  }
   uint64_t target(const Node& n, uint32_t i) const;
+  uint64_t small_target(uint64_t v, uint64_t record_end, uint64_t off) const;
   int64_t find(const Node& n, uint32_t token) const;
   uint64_t child_rank(const Node& n, uint32_t i) const;
+  uint32_t token_of_code(uint64_t code) const;
   void check_state(int64_t state) const;
+  int64_t make_state(uint64_t offset, uint64_t rank) const { return static_cast<int64_t>((rank << ob_) | offset); }
+  uint64_t state_offset(int64_t s) const { return static_cast<uint64_t>(s) & offset_mask_; }
+  uint64_t state_rank(int64_t s) const { return static_cast<uint64_t>(s) >> ob_; }
   void fill_row(int64_t state, uint32_t* row, int64_t words, const int64_t* written, int64_t num_written) const;
   [[noreturn]] void corrupt(const std::string& what) const;
 
@@ -81,7 +92,10 @@ class Trie {
   ktrie::Header h_;
   const uint8_t* data_ = nullptr;
   uint64_t data_end_ = 0;  // records lie in [0, data_end_); padding follows
-  unsigned tb_ = 2, ab_ = 3, rb_ = 4;
+  const uint8_t* table_ = nullptr;  // token of each code
+  uint64_t table_count_ = 0;
+  unsigned tb_ = 2, ob_ = 32;
+  uint64_t offset_mask_ = 0;
 };
 
 }  // namespace kcore

