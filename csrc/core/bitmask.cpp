@@ -9,10 +9,12 @@
 #define KCORE_BITMASK_AVX512 1
 #endif
 
+#include "core/cpu_dispatch.h"  // compiled once per CPU variant, into namespace KCORE_ISA
 #include "core/errors.h"
 #include "core/parallel.h"
 
 namespace kcore {
+namespace KCORE_ISA {
 namespace {
 
 // -inf bit patterns: logits are written as raw bits so fp16/bf16 need no conversion.
@@ -125,41 +127,6 @@ int64_t element_size(LogitsDtype d) { return d == LogitsDtype::kFloat32 ? 4 : 2;
 
 }  // namespace
 
-void validate_bitmask_args(const BitmaskArgs& a, bool indices_on_host) {
-  const int dt = static_cast<int>(a.dtype);
-  if (dt < 0 || dt > 2) throw InvalidInput("logits dtype code must be 0 (fp32), 1 (fp16) or 2 (bf16), got " + std::to_string(dt));
-  if (a.rows < 0 || a.vocab < 0)
-    throw InvalidInput("logits shape must be non-negative, got (" + std::to_string(a.rows) + ", " + std::to_string(a.vocab) + ")");
-  const int64_t needed_words = (a.vocab + 31) / 32;
-  if (a.bitmask_words < needed_words)
-    throw InvalidInput("bitmask must have at least ceil(vocab / 32) = " + std::to_string(needed_words) +
-                       " words per row for vocab = " + std::to_string(a.vocab) + ", got " + std::to_string(a.bitmask_words));
-  if (a.bitmask_rows < 0 || a.bitmask_row_stride < 0)
-    throw InvalidInput("bitmask rows and row stride must be >= 0, got " + std::to_string(a.bitmask_rows) + " and " +
-                       std::to_string(a.bitmask_row_stride));
-  if (a.rows > 1 && a.logits_row_stride < a.vocab)
-    throw InvalidInput("logits row stride must be >= vocab = " + std::to_string(a.vocab) + ", got " +
-                       std::to_string(a.logits_row_stride));
-  if (a.num_indices < 0) throw InvalidInput("num_indices must be >= 0, got " + std::to_string(a.num_indices));
-  if (a.indices == nullptr && a.bitmask_rows != a.rows)
-    throw InvalidInput("bitmask must have as many rows as logits (" + std::to_string(a.rows) + ") when indices is None, got " +
-                       std::to_string(a.bitmask_rows));
-  const bool has_work = a.vocab > 0 && (a.indices ? a.num_indices > 0 : a.rows > 0);
-  if (has_work && (a.logits == nullptr || a.bitmask == nullptr))
-    throw InvalidInput("logits and bitmask pointers must not be null");
-  if (a.indices == nullptr && a.num_indices != 0)
-    throw InvalidInput("indices pointer is null but num_indices = " + std::to_string(a.num_indices));
-  if (a.indices != nullptr && indices_on_host) {
-    const int64_t limit = std::min(a.rows, a.bitmask_rows);
-    for (int64_t i = 0; i < a.num_indices; ++i) {
-      const int64_t r = a.indices[i];
-      if (r < 0 || r >= limit)
-        throw InvalidInput("indices[" + std::to_string(i) + "] = " + std::to_string(r) + " is out of range [0, " +
-                           std::to_string(limit) + ") (rows of logits and bitmask)");
-    }
-  }
-}
-
 void apply_token_bitmask_cpu(const BitmaskArgs& a) {
   validate_bitmask_args(a, /*indices_on_host=*/true);
   const int64_t n_rows = a.indices ? a.num_indices : a.rows;
@@ -188,4 +155,5 @@ void apply_token_bitmask_cpu(const BitmaskArgs& a) {
   }
 }
 
+}  // namespace KCORE_ISA
 }  // namespace kcore

@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "core/cpu_dispatch.h"  // compiled once per CPU variant, into namespace KCORE_ISA
 #include "core/errors.h"
 #include "core/parallel.h"
 
@@ -21,6 +22,7 @@
 #endif
 
 namespace kcore {
+namespace KCORE_ISA {
 namespace {
 
 // GCC/Clang vector extension: 8 float lanes (one AVX register; two SSE/NEON registers).
@@ -497,4 +499,5 @@ int merge_attention_states_f32(const float* out_a, const float* lse_a, const flo
   return 0;
 }
 
+}  // namespace KCORE_ISA
 }  // namespace kcore
