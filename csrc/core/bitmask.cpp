@@ -64,11 +64,20 @@ void mask_row_32bit(uint32_t* row, const int32_t* words, int64_t n) {
     _mm512_mask_storeu_epi32(row + 32 * full + 16, static_cast<__mmask16>(drop >> 16), neg_inf);
   }
 #else
+  // Branch-free select (a random mask mispredicts every other branch), which the compiler
+  // vectorises for each variant: variable shifts + blends with AVX2, shifts and masks with SSE.
   for (int64_t w = 0; w < full; ++w) {
     const uint32_t keep = static_cast<uint32_t>(words[w]);
     if (keep == 0xFFFFFFFFu) continue;
     uint32_t* p = row + 32 * w;
-    for (int b = 0; b < 32; ++b) p[b] = ((keep >> b) & 1u) ? p[b] : kNegInfF32;
+    if (keep == 0) {  // the common word of a constrained row: plain stores, no read
+      std::fill_n(p, 32, kNegInfF32);
+      continue;
+    }
+    for (int b = 0; b < 32; ++b) {
+      const uint32_t m = 0u - ((keep >> b) & 1u);  // all ones where allowed
+      p[b] = (p[b] & m) | (kNegInfF32 & ~m);
+    }
   }
   for (int64_t j = 32 * full; j < n; ++j)
     if (!((static_cast<uint32_t>(words[full]) >> (j - 32 * full)) & 1u)) row[j] = kNegInfF32;
@@ -100,7 +109,14 @@ void mask_row_16bit(uint16_t* row, const int32_t* words, int64_t n, uint16_t neg
     const uint32_t keep = static_cast<uint32_t>(words[w]);
     if (keep == 0xFFFFFFFFu) continue;
     uint16_t* p = row + 32 * w;
-    for (int b = 0; b < 32; ++b) p[b] = ((keep >> b) & 1u) ? p[b] : neg_inf_bits;
+    if (keep == 0) {
+      std::fill_n(p, 32, neg_inf_bits);
+      continue;
+    }
+    for (int b = 0; b < 32; ++b) {
+      const uint16_t m = static_cast<uint16_t>(0u - ((keep >> b) & 1u));
+      p[b] = static_cast<uint16_t>((p[b] & m) | (neg_inf_bits & ~m));
+    }
   }
   for (int64_t j = 32 * full; j < n; ++j)
     if (!((static_cast<uint32_t>(words[full]) >> (j - 32 * full)) & 1u)) row[j] = neg_inf_bits;

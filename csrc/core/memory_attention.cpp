@@ -53,11 +53,11 @@ inline float bf16_to_f32(uint16_t h) {
   return f;
 }
 
+// Without F16C in hardware, bits, not _Float16: GCC lowers that to libgcc's __extendhfsf2, which
+// only GCC 12's libgcc_s has (the wheel would then need a newer system than its manylinux tag).
 inline float f16_to_f32(uint16_t h) {
-#if defined(__FLT16_MAX__)
-  _Float16 x;
-  std::memcpy(&x, &h, sizeof x);
-  return static_cast<float>(x);
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
 #else
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
   const uint32_t exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu;
@@ -120,14 +120,6 @@ inline void row_to_f32(const typename Elem<T>::type* src, int64_t n, float* dst)
     for (; d + 8 <= n; d += 8) {  // vcvtph2ps: 8 halves per instruction
       const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + d));
       _mm256_storeu_ps(dst + d, _mm256_cvtph_ps(h));
-    }
-#elif defined(__FLT16_MAX__)
-    typedef _Float16 v16h __attribute__((vector_size(32)));
-    for (; d + 16 <= n; d += 16) {
-      v16h h;
-      std::memcpy(&h, src + d, sizeof h);
-      const v16f f = __builtin_convertvector(h, v16f);
-      std::memcpy(dst + d, &f, sizeof f);
     }
 #endif
   }
