@@ -50,7 +50,7 @@ def show_config(mode: str = "stdout"):
     b = info["build"]
     lines = [
         f"kcore {kcore.__version__}: {c.__file__}",
-        f"build: {b['compiler']}, {b['build_type']}, baseline flags '{b['baseline_flags']}', "
+        f"build: {b['compiler']}, {b['build_type']}, flags outside the kernels '{b['core_flags']}', "
         + (f"CUDA kernels for sm {b['cuda_architectures']}" if b["cuda_compiled"] else "no CUDA kernels"),
         f"CPU: {cpu['cpu_brand'] or 'unknown'} ({cpu['cpu_vendor'] or 'unknown vendor'})",
         f"CPU features: {' '.join(cpu['cpu_features']) or 'none detected'}",

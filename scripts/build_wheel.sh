@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds kcore's portable CPU wheel into OUTDIR and checks it:
 #   bash scripts/build_wheel.sh OUTDIR
-# - pip wheel with KCORE_CUDA=OFF (no CUDA runtime needed; the CUDA flavour is documented in the
-#   README) and KCORE_NATIVE=OFF: the CPU kernels are compiled for x86-64-v2, -v3 and -v4 and the
+# - pip wheel with KCORE_CUDA=OFF (no CUDA runtime needed; KCORE_CUDA=ON in the environment builds
+#   the CUDA flavour, cudart linked statically: see the README) and KCORE_NATIVE=OFF: the CPU kernels are compiled for x86-64-v2, -v3 and -v4 and the
 #   best one is chosen at import (csrc/core/cpu_dispatch.h);
 # - auditwheel repair: the most compatible manylinux tag the glibc / libstdc++ symbol versions of
 #   this machine allow (a release build runs this same script in a manylinux container);
@@ -19,7 +19,7 @@ python -m pip install --quiet "scikit-build-core>=0.10" "pybind11>=2.12" "auditw
 raw=$(mktemp -d)
 trap 'rm -rf "$raw"' EXIT
 python -m pip wheel . --no-deps --no-build-isolation --wheel-dir "$raw" \
-  -Cbuild-dir=build/wheel -Ccmake.define.KCORE_CUDA=OFF -Ccmake.define.KCORE_NATIVE=OFF
+  -Cbuild-dir=build/wheel -Ccmake.define.KCORE_CUDA="${KCORE_CUDA:-OFF}" -Ccmake.define.KCORE_NATIVE=OFF
 rm -f "$out"/kcore-*.whl
 python -m auditwheel repair --wheel-dir "$out" "$raw"/kcore-*.whl
 python scripts/check_wheel.py "$out"/kcore-*.whl

@@ -48,7 +48,7 @@ py::dict build_info() {
   py::dict d;
   d["compiler"] = KCORE_BUILD_COMPILER;
   d["build_type"] = KCORE_BUILD_TYPE;
-  d["baseline_flags"] = KCORE_BUILD_BASELINE_FLAGS;
+  d["core_flags"] = KCORE_BUILD_CORE_FLAGS;
   d["cuda_architectures"] = KCORE_BUILD_CUDA_ARCHITECTURES;
   return d;
 }
@@ -69,7 +69,7 @@ void register_cpu(py::module_& m) {
         "first), supported (those this CPU runs), variant_flags (compiler flags of each), runtime_extensions "
         "(extensions the variant in use picks at run time, e.g. 'avx512bf16'), cpu_vendor, cpu_brand, "
         "cpu_features (as GCC's -m options name them).");
-  m.def("build_info", &build_info, "How this extension was built: compiler, build_type, baseline_flags, cuda_architectures.");
+  m.def("build_info", &build_info, "How this extension was built: compiler, build_type, core_flags (of the code outside the kernel variants), cuda_architectures.");
   m.def(
       "set_cpu_isa", [](const std::string& isa) { set_cpu_variant(isa); }, py::arg("isa"),
       "Run every later CPU kernel call on variant `isa` (one of cpu_features()['supported']), for benchmarks and "

@@ -53,8 +53,7 @@ const CpuKernels& choose_cpu_variant(const std::string& forced, uint64_t cpu_fea
       if (runs(**it, cpu_features)) return **it;
     const CpuKernels& base = *variants.front();
     throw std::invalid_argument("this CPU lacks " + join(cpu_feature_names(base.required & ~cpu_features)) +
-                                ", which kcore's " + base.isa + " kernels (" + base.flags +
-                                ") and the rest of kcore's native code need; build kcore from source on it");
+                                ", which kcore's " + base.isa + " kernels (" + base.flags + ") need");
   }
   std::vector<std::string> names;
   for (const CpuKernels* v : variants) {

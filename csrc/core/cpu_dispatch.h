@@ -12,7 +12,8 @@
 // inline functions and templates compiled with AVX-512 can then never stand in for the baseline's
 // copies at link time. The public functions below (kcore::apply_token_bitmask_cpu, ...) forward
 // to the variant chosen once, at the first call: the best one this CPU runs, or $KCORE_FORCE_ISA.
-// Everything else (trie, builder, matcher, bindings) is compiled for the baseline only.
+// Everything else (trie, builder, matcher, bindings) is compiled once, for plain x86-64: a CPU
+// below the baseline gets a clear ImportError from the check here, not an illegal instruction.
 #pragma once
 #include <cstdint>
 #include <string>
