@@ -40,7 +40,7 @@ import bench_memory_attention  # noqa: E402
 from kcore._native import native  # noqa: E402
 from kcore.ops import apply_token_bitmask_, knn_interpolate, knn_search  # noqa: E402
 from kcore.ops.bitmask import bitmask_from_bool  # noqa: E402
-from kcore.ops.memory_attn import memory_attention, normalize_keys  # noqa: E402
+from kcore.ops.memory_attention import memory_attention, normalize_keys  # noqa: E402
 
 
 def per_call_us(fn, seconds: float) -> float:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from kcore.ops import apply_token_bitmask_, knn_search
-from kcore.ops.memory_attn import memory_attention
+from kcore.ops.memory_attention import memory_attention
 from kcore.trie import FactTrie
 
 

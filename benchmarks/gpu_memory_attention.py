@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from kcore.ops.memory_attn import memory_attention, normalize_keys
+from kcore.ops.memory_attention import memory_attention, normalize_keys
 
 SHAPES = {"SmolLM2-135M": (9, 3, 64), "Llama-3-8B": (32, 8, 128)}
 PEAK_BYTES_PER_S = 4.8e12

@@ -1,4 +1,12 @@
-"""Access to the compiled extension ``kcore._C`` with a clear error when it is missing."""
+"""Access to the compiled extension ``kcore._C``: the module (with a clear error when it is missing),
+the element-type table and the tensor descriptor that every binding takes.
+
+The boundary contract (csrc/bindings/checks.h): a tensor crosses into C++ as the tuple
+:func:`tensor_arg` builds, ``(data_ptr, element type code, shape, strides in elements, device)``,
+with the codes of ``csrc/core/dtype.h`` (exported as ``kcore._C.elem_types``; :data:`ELEM_TYPES`
+is that table keyed by ``torch.dtype``). torch is imported only when a descriptor is first made,
+so ``import kcore`` stays light.
+"""
 
 from __future__ import annotations
 
@@ -63,6 +71,44 @@ def show_config(mode: str = "stdout"):
     ]
     print("\n".join(lines))
     return None
+
+
+# torch.dtype -> element type code, built from kcore._C.elem_types on first use (see tensor_arg).
+ELEM_TYPES: dict = {}
+
+
+def _load_elem_types() -> dict:
+    import torch
+
+    for name, code in native().elem_types.items():
+        dtype = getattr(torch, name, None)
+        if isinstance(dtype, torch.dtype):
+            ELEM_TYPES[dtype] = code
+    return ELEM_TYPES
+
+
+def dtype_code(dtype) -> int:
+    """The element type code of ``dtype`` (a ``torch.dtype``) in the native contract.
+
+    Raises:
+        InvalidInputError: a dtype the native core has no code for.
+    """
+    codes = ELEM_TYPES or _load_elem_types()
+    try:
+        return codes[dtype]
+    except KeyError:
+        from kcore.errors import InvalidInputError
+
+        raise InvalidInputError(f"dtype {dtype} has no native element type (known: {sorted(map(str, codes))})") from None
+
+
+def tensor_arg(t) -> tuple:
+    """The descriptor of tensor ``t`` that the bindings take (``TensorArg`` in
+    csrc/bindings/checks.h): ``(data_ptr, dtype code, shape, strides, device)``, strides in
+    elements, device ``-1`` for host memory or the CUDA device index. Metadata only: no copy, no
+    read of the values, no device sync. The tensor must stay alive for the call."""
+    codes = ELEM_TYPES or _load_elem_types()
+    return (t.data_ptr(), codes[t.dtype], t.shape, t.stride(), t.get_device())
 
 
 def cuda_compiled() -> bool:

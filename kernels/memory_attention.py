@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kcore.ops.memory_attn import group_queries_by_kv_head, ungroup_by_kv_head
+from kcore.ops._gqa_layout import native_inputs, native_outputs
 
 
 @triton.jit
@@ -178,22 +178,15 @@ def memory_attention_triton(
     query, mem_keys, mem_values, mem_keys_normed, topk, scale, similarity_threshold, key_scales=None, value_scales=None
 ):
     """Arguments already checked by :func:`kcore.ops.memory_attention` (mem_len >= 1)."""
-    b, hq, lq, d = query.shape
-    hkv, m, _ = mem_keys.shape
-    g = hq // hkv
+    q, keys, values, normed, key_scales, value_scales = native_inputs(
+        query, mem_keys, mem_values, mem_keys_normed, key_scales, value_scales
+    )
+    hkv, nq, d = q.shape
+    m = mem_keys.shape[1]
     k_eff = min(topk, m)
-    nq = b * g * lq
     dev = query.device
-    # (num_kv_heads, batch * group * q_len, head_dim): the queries of each KV head side by side.
-    q = group_queries_by_kv_head(query, hkv)
-    keys = mem_keys if mem_keys.stride(-1) == 1 else mem_keys.contiguous()
-    values = mem_values if mem_values.stride(-1) == 1 else mem_values.contiguous()
-    normed = mem_keys_normed if mem_keys_normed.stride(-1) == 1 else mem_keys_normed.contiguous()
     has_scales = key_scales is not None
-    if has_scales:
-        key_scales = key_scales.float().contiguous()
-        value_scales = value_scales.float().contiguous()
-    else:  # never read (HAS_SCALES=False); the kernel still needs pointer arguments
+    if not has_scales:  # never read (HAS_SCALES=False); the kernel still needs pointer arguments
         key_scales = value_scales = q
 
     k_pad = triton.next_power_of_2(k_eff)
@@ -222,6 +215,5 @@ def memory_attention_triton(
         C_PAD=triton.next_power_of_2(num_cand), D_PAD=triton.next_power_of_2(d),
     )
 
-    return (ungroup_by_kv_head(out, b, hq, lq).to(query.dtype), ungroup_by_kv_head(lse, b, hq, lq),
-            ungroup_by_kv_head(idx, b, hq, lq))
+    return native_outputs(query, out, lse, idx)
 

@@ -312,26 +312,33 @@ def test_bad_backend():
 
 def test_native_binding_checks_arguments():
     # The binding re-validates what Python already checked: a direct call cannot write out of bounds.
-    from kcore._native import native
+    from kcore._native import native, tensor_arg
 
     c = native()
     logits, bm = torch.zeros(2, 100), torch.zeros(2, 4, dtype=torch.int32)
     idx = torch.tensor([0, 5])
-    ok = [logits.data_ptr(), 0, 2, 100, 100, bm.data_ptr(), 2, 4, 4, 0, 0]
+
+    def desc(t, **changes):  # a descriptor with fields replaced: data, code, shape, strides
+        d = list(tensor_arg(t))
+        for i, name in enumerate(("data", "code", "shape", "strides")):
+            if name in changes:
+                d[i] = changes[name]
+        return tuple(d)
+
     cases = [
-        ({1: 7}, "dtype"),
-        ({7: 3}, "ceil\\(vocab / 32\\) = 4"),
-        ({4: 50}, "row stride"),
-        ({6: 1}, "as many rows"),
-        ({0: 0}, "null"),
-        ({9: idx.data_ptr(), 10: 2}, "indices\\[1\\] = 5"),
-        ({10: 2}, "null"),
+        ((desc(logits, code=7), desc(bm), None), "dtype"),
+        ((desc(logits), desc(bm, shape=(2, 3)), None), "ceil\\(vocab / 32\\) = 4"),
+        ((desc(logits, strides=(50, 1)), desc(bm), None), "row stride"),
+        ((desc(logits), desc(bm, shape=(1, 4)), None), "as many rows"),
+        ((desc(logits, data=0), desc(bm), None), "null"),
+        ((desc(logits), desc(bm), tensor_arg(idx)), "indices\\[1\\] = 5"),
+        ((desc(logits), desc(bm), desc(idx, data=0)), "null"),
+        ((desc(logits, code=99), desc(bm), None), "element type code 99"),
+        ((desc(logits, shape=(2, 100, 1), strides=(100, 1, 1)), desc(bm), None), "logits must have 2 dims"),
+        ((desc(logits), desc(bm, code=5), None), "bitmask must have dtype"),
     ]
-    for changes, match in cases:
-        args = list(ok)
-        for k, v in changes.items():
-            args[k] = v
+    for args, match in cases:
         with pytest.raises(InvalidInputError, match=match):
             c.apply_token_bitmask_cpu(*args)
-    c.apply_token_bitmask_cpu(*ok)
+    c.apply_token_bitmask_cpu(tensor_arg(logits), tensor_arg(bm), None)
     assert bool(torch.isneginf(logits).all())

@@ -199,11 +199,19 @@ def test_knn_search_rejects_bad_input(backend):
 def test_knn_search_native_binding_checks_sizes():
     from kcore._native import native
 
-    q = torch.randn(1, 8)
-    with pytest.raises(kcore.InvalidInputError, match="key_stride"):
-        native().knn_search(q.data_ptr(), 1, 8, q.data_ptr(), 0, 1, 4, 1, 0, q.data_ptr(), q.data_ptr())
-    with pytest.raises(kcore.InvalidInputError, match="dtype code"):
-        native().knn_search(q.data_ptr(), 1, 8, q.data_ptr(), 7, 1, 8, 1, 0, q.data_ptr(), q.data_ptr())
+    from kcore._native import tensor_arg
+
+    q, keys = torch.randn(1, 8), torch.randn(2, 8)
+    dists, ids = torch.empty(1, 1), torch.empty(1, 1, dtype=torch.int64)
+    overlapping = (keys.data_ptr(), 0, (2, 8), (4, 1), -1)  # row stride 4 < dim 8
+    with pytest.raises(kcore.InvalidInputError, match="row stride"):
+        native().knn_search(tensor_arg(q), overlapping, 1, 0, tensor_arg(dists), tensor_arg(ids))
+    with pytest.raises(kcore.InvalidInputError, match="element type code 9"):
+        native().knn_search(tensor_arg(q), (keys.data_ptr(), 9, (2, 8), (8, 1), -1), 1, 0, tensor_arg(dists), tensor_arg(ids))
+    with pytest.raises(kcore.InvalidInputError, match="keys must have dtype"):
+        native().knn_search(tensor_arg(q), tensor_arg(keys.to(torch.int32)), 1, 0, tensor_arg(dists), tensor_arg(ids))
+    with pytest.raises(kcore.InvalidInputError, match="out_ids must have shape \\(1, 2\\)"):
+        native().knn_search(tensor_arg(q), tensor_arg(keys), 2, 0, tensor_arg(torch.empty(1, 2)), tensor_arg(ids))
 
 
 # ----------------------------------------------------------------------------------------------

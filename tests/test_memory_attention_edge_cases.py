@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kcore.errors import InvalidInputError
-from kcore.ops.memory_attn import memory_attention, merge_attention_states
+from kcore.ops.memory_attention import memory_attention, merge_attention_states
 
 BACKENDS = ["cpu", "torch"]
 

@@ -1,4 +1,5 @@
 import math
+import sys
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ from membank_util import DOCS, tiny_model, tiny_tokenizer
 from kcore.attention import MemoryBank
 from kcore.errors import InvalidInputError
 from kcore.hf import enable_memory_attention
-from kcore.hf.memory_attention import context_attention
+from kcore.ops import context_attention
 
 PROMPTS = ["what is the capital of zorbia", "cats sit on", "hello world memory document about the old city"]
 
@@ -271,7 +272,7 @@ def test_int8_bank_stays_int8_and_equals_its_dequantised_copy(model, tok):
 def test_hook_runs_the_kernels_on_the_host_openmp_team(model, tok, bank, monkeypatch):
     # Inside the model's forward pass torch's OpenMP workers are started and spinning: the hook
     # opens a host-OpenMP scope so kcore's kernels run on them instead of competing for the cores.
-    import kcore.ops.memory_attn as ops
+    ops = sys.modules["kcore.ops.memory_attention"]
     from kcore._native import native
 
     seen = []

@@ -13,7 +13,7 @@ import torch
 
 from kcore.errors import BackendUnavailableError, InvalidInputError
 from kcore.ops._dispatch import triton_usable
-from kcore.ops.memory_attn import (
+from kcore.ops.memory_attention import (
     _memory_attention_torch,
     memory_attention,
     memory_attention_joint_reference,
@@ -285,8 +285,6 @@ def test_merge_attention_states_exact_and_inf():
 
 def test_native_merge_equals_torch_formula():
     # The float32 CPU path is one C++ pass; the torch formula is the other backends' path.
-    from kcore.ops.memory_attn import _merge_attention_states_torch
-
     g = torch.Generator().manual_seed(29)
     oa, ob = torch.randn(3, 9, 5, 64, generator=g), torch.randn(3, 9, 5, 64, generator=g)
     la, lb = torch.randn(3, 9, 5, generator=g) * 20, torch.randn(3, 9, 5, generator=g) * 20
@@ -294,8 +292,8 @@ def test_native_merge_equals_torch_formula():
     lb[1, :, 1] = -math.inf
     la[2, :, 2] = lb[2, :, 2] = -math.inf  # both empty
     la[2, 0, 3], lb[2, 0, 3] = 80.0, -80.0  # far apart: no overflow
-    out, lse = merge_attention_states(oa, la, ob, lb)
-    ref_out, ref_lse = _merge_attention_states_torch(oa, la, ob, lb)
+    out, lse = merge_attention_states(oa, la, ob, lb, backend="cpu")
+    ref_out, ref_lse = merge_attention_states(oa, la, ob, lb, backend="torch")
     torch.testing.assert_close(out, ref_out, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(lse, ref_lse, atol=1e-6, rtol=1e-6)
     assert bool(torch.isneginf(lse[2, :, 2]).all()) and bool((out[2, :, 2] == 0).all())
@@ -430,3 +428,103 @@ def test_triton_kernels_compile_for_sm90():
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     res = subprocess.run([sys.executable, "-c", _COMPILE_SM90], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------------------------
+# the op family: custom ops, merge backends, context attention
+# ----------------------------------------------------------------------------------------------
+
+
+def test_memory_attention_custom_ops_opcheck():
+    q, k, v = _make(2, 4, 2, 3, 16, 40)
+    kn = normalize_keys(k)
+    torch.library.opcheck(torch.ops.kcore.memory_attention.default, (q, k, v, kn, None, None, 5, 0.25, None, "cpu"))
+    torch.library.opcheck(torch.ops.kcore.memory_attention.default, (q, k, v, kn, None, None, 50, 0.25, 0.1, "torch"))
+    k8, ks = torch.randint(-127, 128, (2, 40, 16), dtype=torch.int8), torch.rand(2, 40) / 100
+    torch.library.opcheck(torch.ops.kcore.memory_attention.default, (q, k8, k8, kn, ks, ks, 5, 0.25, None, "cpu"))
+    oa, ob = torch.randn(2, 4, 3, 16), torch.randn(2, 4, 3, 16)
+    la, lb = torch.randn(2, 4, 3), torch.randn(2, 4, 3)
+    for backend in ("cpu", "torch"):
+        torch.library.opcheck(torch.ops.kcore.merge_attention_states.default, (oa, la, ob, lb, backend))
+
+
+def test_memory_attention_under_torch_compile():
+    q, k, v = _make(1, 4, 2, 1, 16, 30)
+    kn = normalize_keys(k)
+
+    def step(q, k, v, kn):
+        out_m, lse_m, _ = memory_attention(q, k, v, topk=4, mem_keys_normed=kn, backend="cpu")
+        return merge_attention_states(q, torch.zeros(q.shape[:3]), out_m, lse_m, backend="cpu")
+
+    want = step(q, k, v, kn)
+    got = torch.compile(step, backend="aot_eager", fullgraph=True)(q, k, v, kn)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_merge_backends_agree(dtype):
+    g = torch.Generator().manual_seed(5)
+    oa, ob = torch.randn(2, 3, 4, 8, generator=g).to(dtype), torch.randn(2, 3, 4, 8, generator=g).to(dtype)
+    la, lb = torch.randn(2, 3, 4, generator=g) * 5, torch.randn(2, 3, 4, generator=g) * 5
+    la[0, 0, 0] = -math.inf
+    out_c, lse_c = merge_attention_states(oa, la, ob, lb, backend="cpu")
+    out_t, lse_t = merge_attention_states(oa, la, ob, lb, backend="torch")
+    assert out_c.dtype == out_t.dtype == dtype and lse_c.dtype == lse_t.dtype == torch.float32
+    torch.testing.assert_close(lse_c, lse_t, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out_c.float(), out_t.float(), atol=1e-2 if dtype != torch.float32 else 1e-6, rtol=1e-2)
+    for backend in ("cpu", "torch"):
+        bad = lb.clone()
+        bad[1, 2, 3] = math.nan
+        with pytest.raises(InvalidInputError, match="lse_b must be finite or -inf"):
+            merge_attention_states(oa, la, ob, bad, backend=backend)
+    with pytest.raises(InvalidInputError, match="backend"):
+        merge_attention_states(oa, la, ob, lb, backend="numpy")
+    with pytest.raises(BackendUnavailableError):
+        merge_attention_states(oa, la, ob, lb, backend="triton")
+
+
+@pytest.mark.parametrize("q_len", [1, 3])
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "float"])
+def test_context_attention_backends_agree(q_len, mask_kind):
+    from kcore.ops import context_attention
+
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(2, 6, q_len, 16, generator=g)
+    k, v = torch.randn(2, 2, 9, 16, generator=g), torch.randn(2, 2, 9, 16, generator=g)
+    mask = None
+    if mask_kind != "none":
+        allowed = torch.rand(2, 1, q_len, 9, generator=g) > 0.3
+        allowed[1, :, 0] = False  # one query row sees no key: zeros and -inf
+        mask = allowed if mask_kind == "bool" else torch.zeros(allowed.shape).masked_fill(~allowed, -math.inf)
+    out_c, lse_c = context_attention(q, k, v, mask, 0.3, backend="cpu")
+    out_t, lse_t = context_attention(q, k, v, mask, 0.3, backend="torch")
+    torch.testing.assert_close(out_c, out_t, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse_c, lse_t, atol=1e-5, rtol=1e-5)
+    if mask_kind != "none":
+        assert bool(torch.isneginf(lse_c[1, :, 0]).all()) and not bool(out_c[1, :, 0].any())
+
+
+def test_context_attention_rejects_bad_arguments():
+    from kcore.ops import context_attention
+
+    q, k = torch.randn(1, 4, 2, 8), torch.randn(1, 2, 5, 8)
+    with pytest.raises(InvalidInputError, match="key must have 4 dims"):
+        context_attention(q, k[0], k)
+    with pytest.raises(InvalidInputError, match="multiple"):
+        context_attention(q, torch.randn(1, 3, 5, 8), torch.randn(1, 3, 5, 8))
+    with pytest.raises(InvalidInputError, match="attention_mask must have shape"):
+        context_attention(q, k, k, torch.ones(1, 1, 2, 4, dtype=torch.bool))
+    with pytest.raises(InvalidInputError, match="scale"):
+        context_attention(q, k, k, None, float("nan"))
+    with pytest.raises(InvalidInputError, match="key must have dtype"):
+        context_attention(q, k.half(), k.half())
+
+
+def test_package_attribute_stays_the_op_after_importing_the_module():
+    code = (
+        "import importlib, kcore.ops.memory_attention as m, kcore.ops as ops\n"
+        "mod = importlib.import_module('kcore.ops.memory_attention')\n"
+        "print(callable(ops.memory_attention) and ops.memory_attention is mod.memory_attention)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True"]

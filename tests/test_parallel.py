@@ -23,7 +23,7 @@ import torch
 import kcore
 from kcore._native import host_openmp_scope, native
 from kcore.ops import apply_token_bitmask_, knn_search
-from kcore.ops.memory_attn import memory_attention
+from kcore.ops.memory_attention import memory_attention
 from kcore.trie import FactTrie
 
 # The ops below are large enough to be split over threads (knn: >= 8192 keys per chunk; trie:

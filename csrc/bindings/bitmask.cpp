@@ -1,12 +1,16 @@
-// Bindings of the token-bitmask op family: kcore.ops.apply_token_bitmask_ calls these with raw
-// pointers after its Python-side checks; everything is checked again here (and in
-// kcore::validate_bitmask_args) so a bad call raises kcore.InvalidInputError instead of crashing.
+// Bindings of the token-bitmask op family: kcore.ops.apply_token_bitmask_ calls these with tensor
+// descriptors (checks.h) after its Python-side checks; the descriptors are checked again here (and
+// the sizes in kcore::validate_bitmask_args) so a bad call raises kcore.InvalidInputError instead
+// of crashing.
+#include <pybind11/stl.h>
+
 #include <cstdint>
+#include <optional>
 #include <string>
 
+#include "bindings/checks.h"
 #include "bindings/registry.h"
 #include "core/bitmask.h"
-#include "core/errors.h"
 
 #ifdef KCORE_WITH_CUDA
 #include "cuda/bitmask.h"
@@ -17,23 +21,34 @@ namespace py = pybind11;
 namespace kcore::bindings {
 namespace {
 
-BitmaskArgs make_args(uintptr_t logits, int dtype, int64_t rows, int64_t vocab, int64_t logits_row_stride,
-                      uintptr_t bitmask, int64_t bitmask_rows, int64_t bitmask_words, int64_t bitmask_row_stride,
-                      uintptr_t indices, int64_t num_indices) {
-  if (dtype < 0 || dtype > 2)
-    throw InvalidInput("dtype must be 0 (float32), 1 (float16) or 2 (bfloat16), got " + std::to_string(dtype));
+BitmaskArgs make_args(const TensorArg& logits, const TensorArg& bitmask, const std::optional<TensorArg>& indices) {
+  CHECK_DIM(2, logits);  // (rows, vocab)
+  CHECK_DTYPE(logits, ElemType::kFloat32, ElemType::kFloat16, ElemType::kBFloat16);
+  CHECK_CONTIGUOUS_LAST(logits);
+  CHECK_DIM(2, bitmask);  // (bitmask_rows, >= ceil(vocab / 32))
+  CHECK_DTYPE(bitmask, ElemType::kInt32);
+  CHECK_CONTIGUOUS_LAST(bitmask);
+  CHECK_SAME_DEVICE(bitmask, logits);
   BitmaskArgs a;
-  a.logits = reinterpret_cast<void*>(logits);  // (rows, vocab), row stride logits_row_stride
-  a.dtype = static_cast<LogitsDtype>(dtype);
-  a.rows = rows;
-  a.vocab = vocab;
-  a.logits_row_stride = logits_row_stride;
-  a.bitmask = reinterpret_cast<const int32_t*>(bitmask);  // (bitmask_rows, >= ceil(vocab / 32))
-  a.bitmask_rows = bitmask_rows;
-  a.bitmask_words = bitmask_words;
-  a.bitmask_row_stride = bitmask_row_stride;
-  a.indices = reinterpret_cast<const int64_t*>(indices);  // (num_indices,) or null
-  a.num_indices = num_indices;
+  a.logits = logits.data;
+  a.dtype = logits.dtype;
+  a.rows = logits.size(0);
+  a.vocab = logits.size(1);
+  a.logits_row_stride = logits.stride(0);
+  a.bitmask = bitmask.ptr<const int32_t>();
+  a.bitmask_rows = bitmask.size(0);
+  a.bitmask_words = bitmask.size(1);
+  a.bitmask_row_stride = bitmask.stride(0);
+  a.indices = nullptr;
+  a.num_indices = 0;
+  if (indices) {
+    CHECK_DIM(1, *indices);  // (num_indices,)
+    CHECK_DTYPE(*indices, ElemType::kInt64);
+    CHECK_CONTIGUOUS(*indices);
+    CHECK_SAME_DEVICE(*indices, logits);
+    a.indices = indices->ptr<const int64_t>();
+    a.num_indices = indices->size(0);
+  }
   return a;
 }
 
@@ -42,28 +57,24 @@ BitmaskArgs make_args(uintptr_t logits, int dtype, int64_t rows, int64_t vocab, 
 void register_bitmask(py::module_& m) {
   m.def(
       "apply_token_bitmask_cpu",
-      [](uintptr_t logits, int dtype, int64_t rows, int64_t vocab, int64_t logits_row_stride, uintptr_t bitmask,
-         int64_t bitmask_rows, int64_t bitmask_words, int64_t bitmask_row_stride, uintptr_t indices,
-         int64_t num_indices) {
-        BitmaskArgs a = make_args(logits, dtype, rows, vocab, logits_row_stride, bitmask, bitmask_rows,
-                                  bitmask_words, bitmask_row_stride, indices, num_indices);
+      [](const TensorArg& logits, const TensorArg& bitmask, const std::optional<TensorArg>& indices) {
+        CHECK_HOST(logits);
+        BitmaskArgs a = make_args(logits, bitmask, indices);
+        if (indices && a.num_indices == 0) return;  // no row selected (its data pointer may be null)
         py::gil_scoped_release release;
         apply_token_bitmask_cpu(a);
       },
-      py::arg("logits"), py::arg("dtype"), py::arg("rows"), py::arg("vocab"), py::arg("logits_row_stride"),
-      py::arg("bitmask"), py::arg("bitmask_rows"), py::arg("bitmask_words"), py::arg("bitmask_row_stride"), py::arg("indices"),
-      py::arg("num_indices"),
-      "Set logits (host pointer, (rows, vocab), dtype code 0=fp32 1=fp16 2=bf16) to -inf in place where the "
-      "int32 bitmask bit is 0. indices (int64 host pointer or 0) selects rows. Strides are in elements.");
+      py::arg("logits"), py::arg("bitmask"), py::arg("indices") = py::none(),
+      "Set logits ((rows, vocab) float32/float16/bfloat16, host) to -inf in place where the int32 bitmask "
+      "bit is 0. indices (int64 (num_indices,) or None) selects rows. Tensors as kcore._native.tensor_arg.");
 
 #ifdef KCORE_WITH_CUDA
   m.def(
       "apply_token_bitmask_cuda",
-      [](uintptr_t logits, int dtype, int64_t rows, int64_t vocab, int64_t logits_row_stride, uintptr_t bitmask,
-         int64_t bitmask_rows, int64_t bitmask_words, int64_t bitmask_row_stride, uintptr_t indices,
-         int64_t num_indices, uintptr_t stream) {
-        BitmaskArgs a = make_args(logits, dtype, rows, vocab, logits_row_stride, bitmask, bitmask_rows,
-                                  bitmask_words, bitmask_row_stride, indices, num_indices);
+      [](const TensorArg& logits, const TensorArg& bitmask, const std::optional<TensorArg>& indices, uintptr_t stream) {
+        CHECK_ARG(logits.device >= 0, "logits must be on a CUDA device, got host memory");
+        BitmaskArgs a = make_args(logits, bitmask, indices);
+        if (indices && a.num_indices == 0) return;  // no row selected (its data pointer may be null)
         // Device indices cannot be read here: their values were range-checked in Python.
         validate_bitmask_args(a, /*indices_on_host=*/false);
         std::string error;
@@ -73,10 +84,8 @@ void register_bitmask(py::module_& m) {
         }
         if (!error.empty()) throw std::runtime_error("apply_token_bitmask_cuda: " + error);
       },
-      py::arg("logits"), py::arg("dtype"), py::arg("rows"), py::arg("vocab"), py::arg("logits_row_stride"),
-      py::arg("bitmask"), py::arg("bitmask_rows"), py::arg("bitmask_words"), py::arg("bitmask_row_stride"), py::arg("indices"),
-      py::arg("num_indices"), py::arg("stream"),
-      "CUDA version of apply_token_bitmask_cpu: device pointers, launched on `stream` (cudaStream_t as int).");
+      py::arg("logits"), py::arg("bitmask"), py::arg("indices"), py::arg("stream"),
+      "CUDA version of apply_token_bitmask_cpu: device tensors, launched on `stream` (cudaStream_t as int).");
 #endif
 }
 

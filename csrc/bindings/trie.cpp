@@ -8,6 +8,7 @@
 #include <system_error>
 #include <vector>
 
+#include "bindings/checks.h"
 #include "bindings/registry.h"
 #include "core/errors.h"
 #include "core/trie.h"
@@ -21,14 +22,10 @@ namespace {
 using I64Array = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
 using I32Array = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
 
-void require_1d(const py::array& a, const char* name) {
-  if (a.ndim() != 1) throw InvalidInput(std::string(name) + " must be 1-D, got " + std::to_string(a.ndim()) + " dims");
-}
-
 template <typename Array>
 void add_sequences(TrieBuilder& b, const Array& tokens, const I64Array& offsets) {
-  require_1d(tokens, "tokens");
-  require_1d(offsets, "offsets");
+  CHECK_DIM(1, tokens);
+  CHECK_DIM(1, offsets);
   if (offsets.size() < 1) throw InvalidInput("offsets must have at least one element");
   const int64_t n = offsets.size() - 1;
   py::gil_scoped_release release;
@@ -40,15 +37,8 @@ I64Array new_like(int64_t n) { return I64Array(n); }
 }  // namespace
 
 void register_trie(py::module_& m) {
-  // File-system errors of the trie builder and loader surface as OSError.
-  py::register_exception_translator([](std::exception_ptr p) {
-    try {
-      if (p) std::rethrow_exception(p);
-    } catch (const std::system_error& e) {
-      PyErr_SetString(PyExc_OSError, e.what());
-    }
-  });
-
+  // File-system errors of the builder and loader (std::system_error) surface as OSError through the
+  // module's exception translator (module.cpp).
   py::class_<TrieBuilder>(m, "TrieBuilder", "Sort-based external-memory builder of a .ktrie file (see kcore.trie).")
       .def(py::init<int64_t, int64_t, std::string>(), py::arg("vocab_size"), py::arg("memory_budget_bytes"),
            py::arg("tmp_dir"))
@@ -107,7 +97,7 @@ void register_trie(py::module_& m) {
       .def(
           "walk",
           [](const Trie& t, const I64Array& tokens) {
-            require_1d(tokens, "tokens");
+            CHECK_DIM(1, tokens);
             py::gil_scoped_release release;
             int64_t s = t.root_state();
             for (py::ssize_t i = 0; i < tokens.size() && s != -1; ++i) s = t.step(s, tokens.data()[i]);
@@ -128,8 +118,8 @@ void register_trie(py::module_& m) {
       .def(
           "step",
           [](const Trie& t, const I64Array& states, const I64Array& tokens) {
-            require_1d(states, "states");
-            require_1d(tokens, "tokens");
+            CHECK_DIM(1, states);
+            CHECK_DIM(1, tokens);
             if (states.size() != tokens.size())
               throw InvalidInput("states and tokens must have the same length, got " + std::to_string(states.size()) +
                                  " and " + std::to_string(tokens.size()));
@@ -145,7 +135,7 @@ void register_trie(py::module_& m) {
       .def(
           "is_complete",
           [](const Trie& t, const I64Array& states) {
-            require_1d(states, "states");
+            CHECK_DIM(1, states);
             py::array_t<bool> out(states.size());
             bool* o = out.mutable_data();
             {
@@ -158,7 +148,7 @@ void register_trie(py::module_& m) {
       .def(
           "fact_range",
           [](const Trie& t, const I64Array& states) {
-            require_1d(states, "states");
+            CHECK_DIM(1, states);
             I64Array first = new_like(states.size()), count = new_like(states.size());
             int64_t* f = first.mutable_data();
             int64_t* c = count.mutable_data();
@@ -173,7 +163,7 @@ void register_trie(py::module_& m) {
           "fill_bitmask",
           [](const Trie& t, const I64Array& states, const py::object& bitmask, int64_t rows, int64_t words_per_row,
              const std::optional<I64Array>& written_offsets, const std::optional<I64Array>& written_ids) {
-            require_1d(states, "states");
+            CHECK_DIM(1, states);
             // The bitmask: a C-contiguous int32 numpy array, or the address of a CPU torch tensor's
             // storage whose dtype, shape and layout kcore/trie.py checked.
             uintptr_t bitmask_ptr = 0;
@@ -195,8 +185,8 @@ void register_trie(py::module_& m) {
             if (written_offsets.has_value() != written_ids.has_value())
               throw InvalidInput("written_offsets and written_ids must be given together");
             if (written_offsets) {
-              require_1d(*written_offsets, "written_offsets");
-              require_1d(*written_ids, "written_ids");
+              CHECK_DIM(1, *written_offsets);
+              CHECK_DIM(1, *written_ids);
               if (written_offsets->size() != rows + 1)
                 throw InvalidInput("written_offsets must have batch + 1 = " + std::to_string(rows + 1) +
                                    " elements, got " + std::to_string(written_offsets->size()));

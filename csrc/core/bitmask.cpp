@@ -17,10 +17,6 @@ namespace kcore {
 namespace KCORE_ISA {
 namespace {
 
-// -inf bit patterns: logits are written as raw bits so fp16/bf16 need no conversion.
-constexpr uint32_t kNegInfF32 = 0xFF800000u;
-constexpr uint16_t kNegInfF16 = 0xFC00u;
-constexpr uint16_t kNegInfBF16 = 0xFF80u;
 // Above this many bytes of logits per call, fully masked lines are streamed past the cache.
 constexpr int64_t kStreamingBytes = int64_t{24} << 20;
 
@@ -43,7 +39,7 @@ template <bool kStream>
 void mask_row_32bit(uint32_t* row, const int32_t* words, int64_t n) {
   const int64_t full = n / 32;
 #ifdef KCORE_BITMASK_AVX512
-  const __m512i neg_inf = _mm512_set1_epi32(static_cast<int>(kNegInfF32));
+  const __m512i neg_inf = _mm512_set1_epi32(static_cast<int>(kNegInfBitsF32));
   for (int64_t w = 0; w < full; ++w) {
     // Masked stores write only the disallowed lanes and never read the logits.
     const uint32_t drop = ~static_cast<uint32_t>(words[w]);
@@ -71,16 +67,16 @@ void mask_row_32bit(uint32_t* row, const int32_t* words, int64_t n) {
     if (keep == 0xFFFFFFFFu) continue;
     uint32_t* p = row + 32 * w;
     if (keep == 0) {  // the common word of a constrained row: plain stores, no read
-      std::fill_n(p, 32, kNegInfF32);
+      std::fill_n(p, 32, kNegInfBitsF32);
       continue;
     }
     for (int b = 0; b < 32; ++b) {
       const uint32_t m = 0u - ((keep >> b) & 1u);  // all ones where allowed
-      p[b] = (p[b] & m) | (kNegInfF32 & ~m);
+      p[b] = (p[b] & m) | (kNegInfBitsF32 & ~m);
     }
   }
   for (int64_t j = 32 * full; j < n; ++j)
-    if (!((static_cast<uint32_t>(words[full]) >> (j - 32 * full)) & 1u)) row[j] = kNegInfF32;
+    if (!((static_cast<uint32_t>(words[full]) >> (j - 32 * full)) & 1u)) row[j] = kNegInfBitsF32;
 #endif
 }
 
@@ -127,19 +123,19 @@ template <bool kStream>
 void mask_row(const BitmaskArgs& a, int64_t r) {
   const int32_t* words = a.bitmask + r * a.bitmask_row_stride;
   switch (a.dtype) {
-    case LogitsDtype::kFloat32:
+    case ElemType::kFloat32:
       mask_row_32bit<kStream>(static_cast<uint32_t*>(a.logits) + r * a.logits_row_stride, words, a.vocab);
       break;
-    case LogitsDtype::kFloat16:
-      mask_row_16bit<kStream>(static_cast<uint16_t*>(a.logits) + r * a.logits_row_stride, words, a.vocab, kNegInfF16);
+    case ElemType::kFloat16:
+      mask_row_16bit<kStream>(static_cast<uint16_t*>(a.logits) + r * a.logits_row_stride, words, a.vocab, kNegInfBitsF16);
       break;
-    case LogitsDtype::kBFloat16:
-      mask_row_16bit<kStream>(static_cast<uint16_t*>(a.logits) + r * a.logits_row_stride, words, a.vocab, kNegInfBF16);
+    case ElemType::kBFloat16:
+      mask_row_16bit<kStream>(static_cast<uint16_t*>(a.logits) + r * a.logits_row_stride, words, a.vocab, kNegInfBitsBF16);
+      break;
+    default:  // validate_bitmask_args admits float logits only
       break;
   }
 }
-
-int64_t element_size(LogitsDtype d) { return d == LogitsDtype::kFloat32 ? 4 : 2; }
 
 }  // namespace
 
@@ -148,7 +144,7 @@ void apply_token_bitmask_cpu(const BitmaskArgs& a) {
   const int64_t n_rows = a.indices ? a.num_indices : a.rows;
   if (n_rows == 0 || a.vocab == 0) return;
   // Threads cost tens of microseconds to start: split only when each gets >= 2 MiB of logits.
-  const int64_t row_bytes = a.vocab * element_size(a.dtype);
+  const int64_t row_bytes = a.vocab * elem_size(a.dtype);
   const int64_t grain = std::max<int64_t>(1, (int64_t{2} << 20) / row_bytes);
   // Logits much larger than the last-level cache will not be read back from cache by the sampler
   // anyway: write fully masked lines with non-temporal stores there (see store_line).

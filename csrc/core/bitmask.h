@@ -4,13 +4,16 @@
 #pragma once
 #include <cstdint>
 
+#include "core/dtype.h"
+
 namespace kcore {
 
-enum class LogitsDtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+// The fact step (core/fact_step.*) still names the logits' element type so.
+using LogitsDtype = ElemType;
 
 struct BitmaskArgs {
   void* logits;                 // (rows, logits_row_stride) elements of `dtype`
-  LogitsDtype dtype;
+  ElemType dtype;               // kFloat32, kFloat16 or kBFloat16
   int64_t rows;                 // rows of logits
   int64_t vocab;                // tokens per logits row (logits.shape[1])
   int64_t logits_row_stride;    // elements between consecutive logits rows

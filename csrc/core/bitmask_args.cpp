@@ -9,8 +9,8 @@
 namespace kcore {
 
 void validate_bitmask_args(const BitmaskArgs& a, bool indices_on_host) {
-  const int dt = static_cast<int>(a.dtype);
-  if (dt < 0 || dt > 2) throw InvalidInput("logits dtype code must be 0 (fp32), 1 (fp16) or 2 (bf16), got " + std::to_string(dt));
+  if (!is_float(a.dtype))
+    throw InvalidInput(std::string("logits must be float32, float16 or bfloat16, got ") + elem_type_name(a.dtype));
   if (a.rows < 0 || a.vocab < 0)
     throw InvalidInput("logits shape must be non-negative, got (" + std::to_string(a.rows) + ", " + std::to_string(a.vocab) + ")");
   const int64_t needed_words = (a.vocab + 31) / 32;

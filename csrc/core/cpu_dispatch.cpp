@@ -102,14 +102,14 @@ void set_cpu_variant(const std::string& isa) {
 // The public kernels: forward to the chosen variant.
 void apply_token_bitmask_cpu(const BitmaskArgs& args) { cpu_kernels().apply_token_bitmask_cpu(args); }
 
-void knn_search_cpu(const float* queries, int64_t num_queries, int64_t dim, const void* keys, KnnDType key_dtype,
+void knn_search_cpu(const float* queries, int64_t num_queries, int64_t dim, const void* keys, ElemType key_dtype,
                     int64_t num_keys, int64_t key_stride, int64_t k, KnnMetric metric, float* out_dists,
                     int64_t* out_ids) {
   cpu_kernels().knn_search_cpu(queries, num_queries, dim, keys, key_dtype, num_keys, key_stride, k, metric, out_dists,
                                out_ids);
 }
 
-void knn_interpolate_cpu(const void* logits, KnnDType logits_dtype, int64_t batch, int64_t vocab,
+void knn_interpolate_cpu(const void* logits, ElemType logits_dtype, int64_t batch, int64_t vocab,
                          int64_t logits_stride, const float* dists, const void* values, bool values_int64, int64_t k,
                          double lmbda, double temperature, KnnMetric metric, float* out) {
   cpu_kernels().knn_interpolate_cpu(logits, logits_dtype, batch, vocab, logits_stride, dists, values, values_int64, k,

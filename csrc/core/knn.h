@@ -3,9 +3,10 @@
 #pragma once
 #include <cstdint>
 
+#include "core/dtype.h"
+
 namespace kcore {
 
-enum class KnnDType : int { F32 = 0, F16 = 1, BF16 = 2 };
 enum class KnnMetric : int { L2 = 0, IP = 1 };
 
 // For each of the `num_queries` fp32 rows of `queries` (contiguous, `dim` columns), the `k` best
@@ -15,7 +16,7 @@ enum class KnnMetric : int { L2 = 0, IP = 1 };
 // (num_queries, k) contiguous; missing neighbours (k > num_keys) get id -1 and +inf (IP: -inf).
 // Equal distances come back ordered by id. Keys are streamed once, split across threads.
 void knn_search_cpu(const float* queries, int64_t num_queries, int64_t dim, const void* keys,
-                    KnnDType key_dtype, int64_t num_keys, int64_t key_stride, int64_t k, KnnMetric metric,
+                    ElemType key_dtype, int64_t num_keys, int64_t key_stride, int64_t k, KnnMetric metric,
                     float* out_dists, int64_t* out_ids);
 
 // kNN-LM interpolation (Khandelwal et al. 2020) of `batch` rows: logits (`vocab` elements of
@@ -25,7 +26,7 @@ void knn_search_cpu(const float* queries, int64_t num_queries, int64_t dim, cons
 // (fp32, batch x vocab contiguous), p_knn = softmax(-dist / temperature) (IP: +score) summed per
 // token; a row without valid neighbour gets log_softmax(logits). Throws InvalidInput for a token
 // id outside [-1, vocab) or a non-finite score of a valid neighbour.
-void knn_interpolate_cpu(const void* logits, KnnDType logits_dtype, int64_t batch, int64_t vocab,
+void knn_interpolate_cpu(const void* logits, ElemType logits_dtype, int64_t batch, int64_t vocab,
                          int64_t logits_stride, const float* dists, const void* values, bool values_int64,
                          int64_t k, double lmbda, double temperature, KnnMetric metric, float* out);
 

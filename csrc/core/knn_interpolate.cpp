@@ -12,7 +12,7 @@
 #include "core/errors.h"
 #include "core/cpu_dispatch.h"  // compiled once per CPU variant, into namespace KCORE_ISA
 #include "core/knn.h"
-#include "core/knn_simd.h"
+#include "core/simd.h"
 #include "core/parallel.h"
 
 namespace kcore {
@@ -30,23 +30,23 @@ inline double log_add_exp(double a, double b) {
   return m + std::log1p(std::exp(-std::fabs(a - b)));
 }
 
-template <KnnDType DT>
+template <ElemType DT>
 inline v16f load_logits(const void* row, int64_t i) {
-  if constexpr (DT == KnnDType::F32) return simd::load(static_cast<const float*>(row) + i);
-  else if constexpr (DT == KnnDType::F16) return simd::load_f16(static_cast<const uint16_t*>(row) + i);
+  if constexpr (DT == ElemType::kFloat32) return simd::load(static_cast<const float*>(row) + i);
+  else if constexpr (DT == ElemType::kFloat16) return simd::load_f16(static_cast<const uint16_t*>(row) + i);
   else return simd::load_bf16(static_cast<const uint16_t*>(row) + i);
 }
 
-template <KnnDType DT>
+template <ElemType DT>
 inline float logit_at(const void* row, int64_t i) {
-  if constexpr (DT == KnnDType::F32) return static_cast<const float*>(row)[i];
-  else if constexpr (DT == KnnDType::F16) return simd::f16_to_float(static_cast<const uint16_t*>(row)[i]);
-  else return simd::bf16_to_float(static_cast<const uint16_t*>(row)[i]);
+  if constexpr (DT == ElemType::kFloat32) return static_cast<const float*>(row)[i];
+  else if constexpr (DT == ElemType::kFloat16) return f16_to_float(static_cast<const uint16_t*>(row)[i]);
+  else return bf16_to_float(static_cast<const uint16_t*>(row)[i]);
 }
 
 // out = logits - lse + offset; lse = log(sum(exp(logits))). Returns false (out undefined) when lse
 // is not finite: a NaN or +inf logit, or every logit -inf, where log_softmax has no meaning.
-template <KnnDType DT>
+template <ElemType DT>
 bool log_softmax_row(const void* row, int64_t vocab, float offset, float* out) {
   const int64_t full = vocab / simd::kLanes * simd::kLanes;
   constexpr int64_t kStep = 4 * simd::kLanes;  // four independent chains hide the latencies
@@ -72,7 +72,7 @@ bool log_softmax_row(const void* row, int64_t vocab, float offset, float* out) {
   return true;
 }
 
-template <KnnDType DT>
+template <ElemType DT>
 void log_softmax_row_checked(const void* row, int64_t vocab, float offset, float* out, int64_t b) {
   if (!log_softmax_row<DT>(row, vocab, offset, out))
     throw InvalidInput("lm_logits row " + std::to_string(b) +
@@ -161,7 +161,7 @@ void mix_knn_fast(RowScratch& w, int64_t n, float smax, float log_lmbda, float* 
   }
 }
 
-template <KnnDType DT, typename IdT>
+template <ElemType DT, typename IdT>
 void interpolate_row(const void* row, int64_t b, int64_t vocab, const float* dists, const IdT* values, int64_t k,
                      double lmbda, float score_scale, float* out, RowScratch& w) {
   int64_t n = 0;
@@ -200,10 +200,10 @@ void interpolate_row(const void* row, int64_t b, int64_t vocab, const float* dis
   }
 }
 
-template <KnnDType DT, typename IdT>
+template <ElemType DT, typename IdT>
 void interpolate_all(const void* logits, int64_t batch, int64_t vocab, int64_t stride, const float* dists,
                      const IdT* values, int64_t k, double lmbda, double inv_temp_signed, float* out) {
-  const size_t esize = DT == KnnDType::F32 ? 4 : 2;
+  const size_t esize = DT == ElemType::kFloat32 ? 4 : 2;
   // Rows are independent; a single row runs inline (a thread start costs about as much).
   parallel_for(batch, 2, [&](int64_t b0, int64_t b1) {
     RowScratch w{{}, {}, {}, zeroed_scratch(vocab), {}};
@@ -217,7 +217,7 @@ void interpolate_all(const void* logits, int64_t batch, int64_t vocab, int64_t s
   });
 }
 
-template <KnnDType DT>
+template <ElemType DT>
 void dispatch_ids(const void* logits, int64_t batch, int64_t vocab, int64_t stride, const float* dists,
                   const void* values, bool values_int64, int64_t k, double lmbda, double inv_temp_signed,
                   float* out) {
@@ -231,22 +231,24 @@ void dispatch_ids(const void* logits, int64_t batch, int64_t vocab, int64_t stri
 
 }  // namespace
 
-void knn_interpolate_cpu(const void* logits, KnnDType logits_dtype, int64_t batch, int64_t vocab,
+void knn_interpolate_cpu(const void* logits, ElemType logits_dtype, int64_t batch, int64_t vocab,
                          int64_t logits_stride, const float* dists, const void* values, bool values_int64,
                          int64_t k, double lmbda, double temperature, KnnMetric metric, float* out) {
   const double inv_temp_signed = (metric == KnnMetric::L2 ? -1.0 : 1.0) / temperature;
   switch (logits_dtype) {
-    case KnnDType::F32:
-      dispatch_ids<KnnDType::F32>(logits, batch, vocab, logits_stride, dists, values, values_int64, k, lmbda,
+    case ElemType::kFloat32:
+      dispatch_ids<ElemType::kFloat32>(logits, batch, vocab, logits_stride, dists, values, values_int64, k, lmbda,
                                   inv_temp_signed, out);
       break;
-    case KnnDType::F16:
-      dispatch_ids<KnnDType::F16>(logits, batch, vocab, logits_stride, dists, values, values_int64, k, lmbda,
+    case ElemType::kFloat16:
+      dispatch_ids<ElemType::kFloat16>(logits, batch, vocab, logits_stride, dists, values, values_int64, k, lmbda,
                                   inv_temp_signed, out);
       break;
-    case KnnDType::BF16:
-      dispatch_ids<KnnDType::BF16>(logits, batch, vocab, logits_stride, dists, values, values_int64, k, lmbda,
+    case ElemType::kBFloat16:
+      dispatch_ids<ElemType::kBFloat16>(logits, batch, vocab, logits_stride, dists, values, values_int64, k, lmbda,
                                    inv_temp_signed, out);
+      break;
+    default:  // the binding admits float logits only
       break;
   }
 }

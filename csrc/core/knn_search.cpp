@@ -11,7 +11,7 @@
 
 #include "core/cpu_dispatch.h"  // compiled once per CPU variant, into namespace KCORE_ISA
 #include "core/knn.h"
-#include "core/knn_simd.h"
+#include "core/simd.h"
 #include "core/parallel.h"
 
 namespace kcore {
@@ -57,7 +57,7 @@ struct TopK {
 
 // Widen rows [0, rows) of a key block to fp32 into `dst` (rows x dp, zero-padded to dp columns)
 // and write their squared norms. Rows [rows, kKeyBlock) of `dst` are left zero by the caller.
-template <KnnDType DT>
+template <ElemType DT>
 void widen_block(const void* keys, int64_t first, int64_t rows, int64_t dim, int64_t dp, int64_t stride,
                  float* dst, float* norms) {
   const int64_t full = dim / simd::kLanes * simd::kLanes;
@@ -65,7 +65,7 @@ void widen_block(const void* keys, int64_t first, int64_t rows, int64_t dim, int
     float* out = dst + r * dp;
     // Four partial sums: one FMA chain would stall on its latency for every vector.
     v16f acc[4] = {};
-    if constexpr (DT == KnnDType::F32) {
+    if constexpr (DT == ElemType::kFloat32) {
       const float* src = static_cast<const float*>(keys) + (first + r) * stride;
       int64_t i = 0;
       for (; i + 4 * simd::kLanes <= full; i += 4 * simd::kLanes) {
@@ -89,18 +89,18 @@ void widen_block(const void* keys, int64_t first, int64_t rows, int64_t dim, int
 #pragma GCC unroll 4
         for (int u = 0; u < 4; ++u) {
           const uint16_t* p = src + i + u * simd::kLanes;
-          v16f v = DT == KnnDType::F16 ? simd::load_f16(p) : simd::load_bf16(p);
+          v16f v = DT == ElemType::kFloat16 ? simd::load_f16(p) : simd::load_bf16(p);
           acc[u] += v * v;
           simd::store(out + i + u * simd::kLanes, v);
         }
       }
       for (; i < full; i += simd::kLanes) {
-        v16f v = DT == KnnDType::F16 ? simd::load_f16(src + i) : simd::load_bf16(src + i);
+        v16f v = DT == ElemType::kFloat16 ? simd::load_f16(src + i) : simd::load_bf16(src + i);
         acc[0] += v * v;
         simd::store(out + i, v);
       }
       for (int64_t i = full; i < dim; ++i)
-        out[i] = DT == KnnDType::F16 ? simd::f16_to_float(src[i]) : simd::bf16_to_float(src[i]);
+        out[i] = DT == ElemType::kFloat16 ? f16_to_float(src[i]) : bf16_to_float(src[i]);
     }
     float norm = simd::hsum((acc[0] + acc[1]) + (acc[2] + acc[3]));
     for (int64_t i = full; i < dim; ++i) norm += out[i] * out[i];
@@ -134,17 +134,17 @@ inline void dot_tile(const float* q, const float* x, int64_t dp, float* out, int
     for (int kj = 0; kj < KT; ++kj) out[qi * out_stride + kj] = sums[qi * KT + kj];
 }
 
-template <KnnDType DT>
+template <ElemType DT>
 inline v16f load_key(const void* keys, int64_t offset) {
-  if constexpr (DT == KnnDType::F32) return simd::load(static_cast<const float*>(keys) + offset);
-  else if constexpr (DT == KnnDType::F16) return simd::load_f16(static_cast<const uint16_t*>(keys) + offset);
+  if constexpr (DT == ElemType::kFloat32) return simd::load(static_cast<const float*>(keys) + offset);
+  else if constexpr (DT == ElemType::kFloat16) return simd::load_f16(static_cast<const uint16_t*>(keys) + offset);
   else return simd::load_bf16(static_cast<const uint16_t*>(keys) + offset);
 }
 
 // Few queries: the job is streaming the keys, so they are widened in registers and used at once
 // (no buffer round trip): dots[qi * kKeyBlock + kj] = <q_qi, x_kj> and norms[kj] = ||x_kj||^2
 // for KT keys starting at row `first`. Needs dim % 16 == 0.
-template <KnnDType DT, int QT, int KT>
+template <ElemType DT, int QT, int KT>
 inline void direct_tile(const float* q, int64_t dp, const void* keys, int64_t first, int64_t stride, float* dots,
                         float* norms) {
   static_assert(QT * KT + KT <= 16, "one hsum16 per tile");
@@ -199,7 +199,7 @@ void block_dots(const float* qbuf, int64_t nq, int64_t dp, const float* kbuf, fl
   }
 }
 
-template <KnnDType DT>
+template <ElemType DT>
 void search_range(const float* qbuf, int64_t nq, int64_t dim, int64_t dp, const void* keys, int64_t stride,
                   int64_t begin, int64_t end, int64_t k, KnnMetric metric, std::vector<TopK>& tops) {
   std::vector<float> kbuf(static_cast<size_t>(kKeyBlock * dp), 0.f);
@@ -250,13 +250,6 @@ void search_range(const float* qbuf, int64_t nq, int64_t dim, int64_t dp, const 
 // plus the fp32 accumulation error of the dot product, <= gamma ||q_bf16|| ||x||.
 
 constexpr int64_t kBf16MinQueries = 4;
-
-inline uint16_t float_to_bf16_rne(float f) {
-  uint32_t b;
-  std::memcpy(&b, &f, sizeof(b));
-  b += 0x7fffu + ((b >> 16) & 1u);  // round to nearest even (finite inputs)
-  return static_cast<uint16_t>(b >> 16);
-}
 
 // out[qi * out_stride + kj] = <q_bf16_qi, x_kj> with vdpbf16ps (fp32 accumulation), dim % 32 == 0.
 #define KCORE_TARGET_BF16 __attribute__((target("avx512bf16")))
@@ -327,10 +320,10 @@ struct BoundTopK {
 // DT = BF16: the keys are used as they are. DT = F16: each block is rounded to bf16 into a buffer
 // and each key's rounding error ||x - x_bf16|| enters the bound:
 //   |<q, x> - <q_bf16, x_bf16>| <= ||q|| ||x - x_bf16|| + (||q - q_bf16|| + gamma ||q_bf16||) ||x_bf16||.
-template <KnnDType DT>
+template <ElemType DT>
 KCORE_TARGET_BF16 void search_range_bf16(const float* qbuf, int64_t nq, int64_t dim, const uint16_t* keys, int64_t stride,
                        int64_t begin, int64_t end, int64_t k, KnnMetric metric, std::vector<TopK>& tops) {
-  static_assert(DT == KnnDType::BF16 || DT == KnnDType::F16, "half-precision keys only");
+  static_assert(DT == ElemType::kBFloat16 || DT == ElemType::kFloat16, "half-precision keys only");
   const bool l2 = metric == KnnMetric::L2;
   // bf16 queries, the norm of their rounding error and their own norm
   std::vector<uint16_t> qb(static_cast<size_t>(nq * dim));
@@ -341,7 +334,7 @@ KCORE_TARGET_BF16 void search_range_bf16(const float* qbuf, int64_t nq, int64_t 
       const float v = qbuf[q * dim + i];
       const uint16_t h = float_to_bf16_rne(v);
       qb[static_cast<size_t>(q * dim + i)] = h;
-      const double r = simd::bf16_to_float(h);
+      const double r = bf16_to_float(h);
       e2 += (v - r) * (v - r);
       n2 += r * r;
       l2q += static_cast<double>(v) * v;
@@ -358,7 +351,7 @@ KCORE_TARGET_BF16 void search_range_bf16(const float* qbuf, int64_t nq, int64_t 
   for (auto& c : cands) c.buf.resize(static_cast<size_t>(std::min<int64_t>(std::max<int64_t>(4 * k, 1024), end - begin + 1)));
   std::vector<float> dots(static_cast<size_t>(nq * kKeyBlock)), norms(kKeyBlock), xlen(kKeyBlock);
   std::vector<float> xerr(kKeyBlock, 0.f);
-  std::vector<uint16_t> block(DT == KnnDType::F16 ? static_cast<size_t>(kKeyBlock * dim) : 0);
+  std::vector<uint16_t> block(DT == ElemType::kFloat16 ? static_cast<size_t>(kKeyBlock * dim) : 0);
 
   for (int64_t first = begin; first < end; first += kKeyBlock) {
     const int64_t rows = std::min(kKeyBlock, end - first);
@@ -368,7 +361,7 @@ KCORE_TARGET_BF16 void search_range_bf16(const float* qbuf, int64_t nq, int64_t 
       const uint16_t* x = xb + j * stride;
       v16f a0{}, a1{}, e0{}, e1{};
       for (int64_t i = 0; i < dim; i += 32) {
-        if constexpr (DT == KnnDType::BF16) {
+        if constexpr (DT == ElemType::kBFloat16) {
           const v16f u = simd::load_bf16(x + i), w = simd::load_bf16(x + i + 16);
           a0 += u * u;
           a1 += w * w;
@@ -386,9 +379,9 @@ KCORE_TARGET_BF16 void search_range_bf16(const float* qbuf, int64_t nq, int64_t 
       }
       norms[static_cast<size_t>(j)] = simd::hsum(a0 + a1);
       xlen[static_cast<size_t>(j)] = std::sqrt(norms[static_cast<size_t>(j)]);
-      if constexpr (DT == KnnDType::F16) xerr[static_cast<size_t>(j)] = 1.0001f * std::sqrt(simd::hsum(e0 + e1));
+      if constexpr (DT == ElemType::kFloat16) xerr[static_cast<size_t>(j)] = 1.0001f * std::sqrt(simd::hsum(e0 + e1));
     }
-    if constexpr (DT == KnnDType::F16) {
+    if constexpr (DT == ElemType::kFloat16) {
       xb = block.data();
       xs = dim;
     }
@@ -450,8 +443,8 @@ KCORE_TARGET_BF16 void search_range_bf16(const float* qbuf, int64_t nq, int64_t 
       const uint16_t* x = keys + id * stride;
       v16f dot0{}, dot1{}, nn0{}, nn1{};
       for (int64_t e = 0; e < dim; e += 32) {
-        const v16f u = DT == KnnDType::BF16 ? simd::load_bf16(x + e) : simd::load_f16(x + e);
-        const v16f w = DT == KnnDType::BF16 ? simd::load_bf16(x + e + 16) : simd::load_f16(x + e + 16);
+        const v16f u = DT == ElemType::kBFloat16 ? simd::load_bf16(x + e) : simd::load_f16(x + e);
+        const v16f w = DT == ElemType::kBFloat16 ? simd::load_bf16(x + e + 16) : simd::load_f16(x + e + 16);
         dot0 += simd::load(qv + e) * u;
         dot1 += simd::load(qv + e + 16) * w;
         nn0 += u * u;
@@ -467,7 +460,7 @@ KCORE_TARGET_BF16 void search_range_bf16(const float* qbuf, int64_t nq, int64_t 
 }  // namespace
 
 void knn_search_cpu(const float* queries, int64_t num_queries, int64_t dim, const void* keys,
-                    KnnDType key_dtype, int64_t num_keys, int64_t key_stride, int64_t k, KnnMetric metric,
+                    ElemType key_dtype, int64_t num_keys, int64_t key_stride, int64_t k, KnnMetric metric,
                     float* out_dists, int64_t* out_ids) {
   if (num_queries <= 0) return;
   const int64_t dp = (dim + simd::kLanes - 1) / simd::kLanes * simd::kLanes;
@@ -498,28 +491,30 @@ void knn_search_cpu(const float* queries, int64_t num_queries, int64_t dim, cons
       const int64_t begin = c * per_chunk, end = std::min(num_keys, begin + per_chunk);
       if (begin >= end) continue;
       switch (key_dtype) {
-        case KnnDType::F32:
-          search_range<KnnDType::F32>(qbuf.data(), num_queries, dim, dp, keys, key_stride, begin, end, k, metric, t);
+        case ElemType::kFloat32:
+          search_range<ElemType::kFloat32>(qbuf.data(), num_queries, dim, dp, keys, key_stride, begin, end, k, metric, t);
           break;
-        case KnnDType::F16:
+        case ElemType::kFloat16:
 #if defined(__AVX512F__)
           if (num_queries >= kBf16MinQueries && dim % 32 == 0 && has_avx512bf16()) {
-            search_range_bf16<KnnDType::F16>(qbuf.data(), num_queries, dim, static_cast<const uint16_t*>(keys),
+            search_range_bf16<ElemType::kFloat16>(qbuf.data(), num_queries, dim, static_cast<const uint16_t*>(keys),
                                              key_stride, begin, end, k, metric, t);
             break;
           }
 #endif
-          search_range<KnnDType::F16>(qbuf.data(), num_queries, dim, dp, keys, key_stride, begin, end, k, metric, t);
+          search_range<ElemType::kFloat16>(qbuf.data(), num_queries, dim, dp, keys, key_stride, begin, end, k, metric, t);
           break;
-        case KnnDType::BF16:
+        case ElemType::kBFloat16:
 #if defined(__AVX512F__)
           if (num_queries >= kBf16MinQueries && dim % 32 == 0 && has_avx512bf16()) {
-            search_range_bf16<KnnDType::BF16>(qbuf.data(), num_queries, dim, static_cast<const uint16_t*>(keys),
+            search_range_bf16<ElemType::kBFloat16>(qbuf.data(), num_queries, dim, static_cast<const uint16_t*>(keys),
                                               key_stride, begin, end, k, metric, t);
             break;
           }
 #endif
-          search_range<KnnDType::BF16>(qbuf.data(), num_queries, dim, dp, keys, key_stride, begin, end, k, metric, t);
+          search_range<ElemType::kBFloat16>(qbuf.data(), num_queries, dim, dp, keys, key_stride, begin, end, k, metric, t);
+          break;
+        default:  // the binding admits float keys only
           break;
       }
     }

@@ -10,25 +10,17 @@
 #include "core/cpu_dispatch.h"  // compiled once per CPU variant, into namespace KCORE_ISA
 #include "core/errors.h"
 #include "core/parallel.h"
-
-#if defined(__F16C__)
-#include <immintrin.h>
-#endif
-
-// The vector helpers below are internal inline functions; the note that passing AVX vectors by
-// value changes the ABI when the build is portable (KCORE_NATIVE=OFF) does not concern them.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wpsabi"
-#endif
+#include "core/simd.h"
 
 namespace kcore {
 namespace KCORE_ISA {
 namespace {
 
-// GCC/Clang vector extension: 8 float lanes (one AVX register; two SSE/NEON registers).
-typedef float v8f __attribute__((vector_size(32)));
-// 16 float lanes: one AVX-512 register, or two AVX ones on machines without AVX-512.
-typedef float v16f __attribute__((vector_size(64)));
+using simd::load8;
+using simd::splat8;
+using simd::store8;
+using simd::v16f;
+using simd::v8f;
 
 constexpr int64_t kKeyBlock = 32;     // keys scored per block (transposed into an L1 tile)
 constexpr int64_t kQueryTile = 32;    // queries sharing one pass over a key range
@@ -38,95 +30,43 @@ constexpr int64_t kMinSplitKeys = 2048;  // fewest keys a thread streams when a 
 constexpr int64_t kMinParallelBytes = int64_t{8} << 20;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-inline v8f load8(const float* p) {
-  v8f v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline void store8(float* p, const v8f& v) { std::memcpy(p, &v, sizeof v); }
-inline v8f splat8(float x) { return v8f{x, x, x, x, x, x, x, x}; }
-
-inline float bf16_to_f32(uint16_t h) {
-  uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-// Without F16C in hardware, bits, not _Float16: GCC lowers that to libgcc's __extendhfsf2, which
-// only GCC 12's libgcc_s has (the wheel would then need a newer system than its manylinux tag).
-inline float f16_to_f32(uint16_t h) {
-#if defined(__F16C__)
-  return _cvtsh_ss(h);
-#else
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  const uint32_t exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu;
-  uint32_t u;
-  if (exp == 0) {
-    float f = std::ldexp(static_cast<float>(mant), -24);  // zero or subnormal
-    std::memcpy(&u, &f, sizeof u);
-    u |= sign;
-  } else if (exp == 31) {
-    u = sign | 0x7f800000u | (mant << 13);
-  } else {
-    u = sign | ((exp + 112) << 23) | (mant << 13);
-  }
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-#endif
-}
-
-template <MemElemType T>
+template <ElemType T>
 struct Elem;
 template <>
-struct Elem<MemElemType::f32> {
+struct Elem<ElemType::kFloat32> {
   using type = float;
   static float to_f32(float x) { return x; }
 };
 template <>
-struct Elem<MemElemType::f16> {
+struct Elem<ElemType::kFloat16> {
   using type = uint16_t;
-  static float to_f32(uint16_t x) { return f16_to_f32(x); }
+  static float to_f32(uint16_t x) { return f16_to_float(x); }
 };
 template <>
-struct Elem<MemElemType::bf16> {
+struct Elem<ElemType::kBFloat16> {
   using type = uint16_t;
-  static float to_f32(uint16_t x) { return bf16_to_f32(x); }
+  static float to_f32(uint16_t x) { return bf16_to_float(x); }
 };
 template <>
-struct Elem<MemElemType::i8> {  // times the row's scale, applied by the caller
+struct Elem<ElemType::kInt8> {  // times the row's scale, applied by the caller
   using type = int8_t;
   static float to_f32(int8_t x) { return static_cast<float>(x); }
 };
 
-// Converts one memory row (head_dim elements) to float32, 16 lanes at a time where the compiler
-// has a vector type for the element (F16C / AVX-512 conversions under -march=native).
-template <MemElemType T>
+// Converts one memory row (head_dim elements) to float32, 16 lanes at a time for the half types
+// (F16C / AVX-512 conversions under -march=native, see core/simd.h).
+template <ElemType T>
 inline void row_to_f32(const typename Elem<T>::type* src, int64_t n, float* dst) {
   int64_t d = 0;
-  if constexpr (T == MemElemType::bf16) {
-    typedef uint16_t v16u16 __attribute__((vector_size(32)));
-    typedef uint32_t v16u32 __attribute__((vector_size(64)));
-    for (; d + 16 <= n; d += 16) {
-      v16u16 h;
-      std::memcpy(&h, src + d, sizeof h);
-      const v16u32 u = __builtin_convertvector(h, v16u32) << 16;
-      std::memcpy(dst + d, &u, sizeof u);
-    }
-  }
-  if constexpr (T == MemElemType::f16) {
-#if defined(__F16C__)
-    for (; d + 8 <= n; d += 8) {  // vcvtph2ps: 8 halves per instruction
-      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + d));
-      _mm256_storeu_ps(dst + d, _mm256_cvtph_ps(h));
-    }
-#endif
+  if constexpr (T == ElemType::kFloat16) {
+    for (; d + simd::kLanes <= n; d += simd::kLanes) simd::store(dst + d, simd::load_f16(src + d));
+  } else if constexpr (T == ElemType::kBFloat16) {
+    for (; d + simd::kLanes <= n; d += simd::kLanes) simd::store(dst + d, simd::load_bf16(src + d));
   }
   for (; d < n; ++d) dst[d] = Elem<T>::to_f32(src[d]);
 }
 
-template <MemElemType T>
+template <ElemType T>
 inline const typename Elem<T>::type* row_ptr(const MemoryTensor& t, int64_t head, int64_t row) {
   return static_cast<const typename Elem<T>::type*>(t.data) + head * t.stride_head + row * t.stride_row;
 }
@@ -158,77 +98,34 @@ inline void score_4x16(const float* q, int64_t d_len, const float* kt, float* s)
   store8(s + 3 * kKeyBlock + 8, c31);
 }
 
-typedef float v4f __attribute__((vector_size(16)));
-
-inline v16f load16(const float* p) {
-  v16f v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-inline float hsum16(const v16f& v) {
-  v8f lo, hi;
-  std::memcpy(&lo, &v, sizeof lo);
-  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof lo, sizeof hi);
-  const v8f s8 = lo + hi;
-  v4f a, b;
-  std::memcpy(&a, &s8, sizeof a);
-  std::memcpy(&b, reinterpret_cast<const char*>(&s8) + sizeof a, sizeof b);
-  const v4f s4 = a + b;
-  return (s4[0] + s4[1]) + (s4[2] + s4[3]);
-}
-
 // 16 elements of a memory row as float32 lanes, converted in registers.
-template <MemElemType T>
+template <ElemType T>
 inline v16f load16_f32(const typename Elem<T>::type* p) {
-  if constexpr (T == MemElemType::f32) {
-    return load16(p);
-  } else if constexpr (T == MemElemType::bf16) {
-    typedef uint16_t v16u16 __attribute__((vector_size(32)));
-    typedef uint32_t v16u32 __attribute__((vector_size(64)));
-    v16u16 h;
-    std::memcpy(&h, p, sizeof h);
-    const v16u32 u = __builtin_convertvector(h, v16u32) << 16;
-    v16f f;
-    std::memcpy(&f, &u, sizeof f);
-    return f;
+  if constexpr (T == ElemType::kFloat32) {
+    return simd::load(p);
+  } else if constexpr (T == ElemType::kBFloat16) {
+    return simd::load_bf16(p);
+  } else if constexpr (T == ElemType::kFloat16) {
+    return simd::load_f16(p);
   } else {
-#if defined(__AVX512F__)
-    if constexpr (T == MemElemType::f16) {  // one vcvtph2ps zmm, no round trip through memory
-      // The zero-masked form: GCC 12's plain _mm512_cvtph_ps trips -Wmaybe-uninitialized.
-      const __m512 f = _mm512_maskz_cvtph_ps(0xFFFF, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-      v16f r;
-      std::memcpy(&r, &f, sizeof r);
-      return r;
-    }
-#elif defined(__F16C__)
-    if constexpr (T == MemElemType::f16) {
-      const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-      const __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
-      v16f r;
-      std::memcpy(&r, &lo, sizeof lo);
-      std::memcpy(reinterpret_cast<char*>(&r) + sizeof lo, &hi, sizeof hi);
-      return r;
-    }
-#endif
     float tmp[16];
     for (int i = 0; i < 16; ++i) tmp[i] = Elem<T>::to_f32(p[i]);
-    return load16(tmp);
+    return simd::load(tmp);
   }
 }
 
 // Scores of NQ queries (rows of q, stride head_dim) against one key row k: s[i * s_stride].
 // Decode has 1-4 queries per KV head; the key row is loaded and converted once for all of them.
-template <MemElemType T, int NQ>
+template <ElemType T, int NQ>
 inline void score_rows(const float* q, int64_t d_len, const typename Elem<T>::type* k, float* s, int64_t s_stride) {
   v16f c[NQ] = {};
   int64_t d = 0;
   for (; d + 16 <= d_len; d += 16) {
     const v16f kv = load16_f32<T>(k + d);
-    for (int i = 0; i < NQ; ++i) c[i] += load16(q + i * d_len + d) * kv;
+    for (int i = 0; i < NQ; ++i) c[i] += simd::load(q + i * d_len + d) * kv;
   }
   for (int i = 0; i < NQ; ++i) {
-    float acc = hsum16(c[i]);
+    float acc = simd::hsum_pairwise(c[i]);
     for (int64_t t = d; t < d_len; ++t) acc += q[i * d_len + t] * Elem<T>::to_f32(k[t]);
     s[i * s_stride] = acc;
   }
@@ -249,7 +146,7 @@ inline void topk_insert(float* vals, int32_t* ids, int64_t k, float score, int32
 
 // Phase 1: the running top-k of queries [q0, q0 + nq) of KV head h over memory rows [m0, m1),
 // written to cand_vals/cand_ids at (query, split) slots of k entries.
-template <MemElemType T>
+template <ElemType T>
 void score_and_select(const MemoryAttentionArgs& a, int64_t h, int64_t q0, int64_t nq, int64_t m0, int64_t m1,
                       int64_t split, int64_t num_splits, float* cand_vals, int32_t* cand_ids) {
   const int64_t d_len = a.head_dim, k = a.topk;
@@ -320,7 +217,7 @@ void score_and_select(const MemoryAttentionArgs& a, int64_t h, int64_t q0, int64
 
 // Phase 2 for one query: merge the splits' candidates, drop those under the threshold, and
 // attend over the selected raw keys and values.
-template <MemElemType T>
+template <ElemType T>
 void attend_one(const MemoryAttentionArgs& a, int64_t h, int64_t qi, int64_t num_splits, const float* cand_vals,
                 const int32_t* cand_ids, float* vals, int32_t* ids, float* logits, float* acc) {
   const int64_t d_len = a.head_dim, k = a.topk;
@@ -349,7 +246,7 @@ void attend_one(const MemoryAttentionArgs& a, int64_t h, int64_t qi, int64_t num
     const auto* krow = row_ptr<T>(a.keys, h, ids[r]);
     float dot = 0.0f;
     for (int64_t d = 0; d < d_len; ++d) dot += q[d] * Elem<T>::to_f32(krow[d]);
-    if constexpr (T == MemElemType::i8) dot *= a.key_scales[h * a.mem_len + ids[r]];
+    if constexpr (T == ElemType::kInt8) dot *= a.key_scales[h * a.mem_len + ids[r]];
     logits[r] = dot * a.scale;
     max_logit = std::max(max_logit, logits[r]);
   }
@@ -369,7 +266,7 @@ void attend_one(const MemoryAttentionArgs& a, int64_t h, int64_t qi, int64_t num
     sum += p;
     const auto* vrow = row_ptr<T>(a.values, h, ids[r]);
     float w = p;
-    if constexpr (T == MemElemType::i8) w *= a.value_scales[h * a.mem_len + ids[r]];
+    if constexpr (T == ElemType::kInt8) w *= a.value_scales[h * a.mem_len + ids[r]];
     for (int64_t d = 0; d < d_len; ++d) acc[d] += w * Elem<T>::to_f32(vrow[d]);
   }
   const float inv = 1.0f / sum;
@@ -377,7 +274,7 @@ void attend_one(const MemoryAttentionArgs& a, int64_t h, int64_t qi, int64_t num
   a.lse[row] = max_logit + std::log(sum);
 }
 
-template <MemElemType TN, MemElemType TKV>
+template <ElemType TN, ElemType TKV>
 void forward_typed(const MemoryAttentionArgs& a) {
   const int64_t nq_head = a.queries_per_head, k = a.topk;
   const int64_t tile = std::min(kQueryTile, nq_head);
@@ -419,17 +316,19 @@ void check(bool ok, const std::string& what) {
   if (!ok) throw InvalidInput("memory_attention: " + what);
 }
 
-template <MemElemType TN>
+template <ElemType TN>
 void dispatch_kv(const MemoryAttentionArgs& a) {
   switch (a.kv_dtype) {
-    case MemElemType::f32:
-      return forward_typed<TN, MemElemType::f32>(a);
-    case MemElemType::f16:
-      return forward_typed<TN, MemElemType::f16>(a);
-    case MemElemType::bf16:
-      return forward_typed<TN, MemElemType::bf16>(a);
-    case MemElemType::i8:
-      return forward_typed<TN, MemElemType::i8>(a);
+    case ElemType::kFloat32:
+      return forward_typed<TN, ElemType::kFloat32>(a);
+    case ElemType::kFloat16:
+      return forward_typed<TN, ElemType::kFloat16>(a);
+    case ElemType::kBFloat16:
+      return forward_typed<TN, ElemType::kBFloat16>(a);
+    case ElemType::kInt8:
+      return forward_typed<TN, ElemType::kInt8>(a);
+    default:
+      break;
   }
   throw InvalidInput("memory_attention: unknown dtype code " + std::to_string(static_cast<int>(a.kv_dtype)));
 }
@@ -448,15 +347,15 @@ void memory_attention_forward(const MemoryAttentionArgs& a) {
     check(t->data != nullptr, "null memory tensor");
     check(t->stride_row >= a.head_dim && t->stride_head >= 0, "memory rows must not overlap");
   }
-  check(a.normed_dtype != MemElemType::i8, "mem_keys_normed must be a float tensor");
-  if (a.kv_dtype == MemElemType::i8) check(a.key_scales && a.value_scales, "int8 keys and values need row scales");
+  check(a.normed_dtype != ElemType::kInt8, "mem_keys_normed must be a float tensor");
+  if (a.kv_dtype == ElemType::kInt8) check(a.key_scales && a.value_scales, "int8 keys and values need row scales");
   switch (a.normed_dtype) {
-    case MemElemType::f32:
-      return dispatch_kv<MemElemType::f32>(a);
-    case MemElemType::f16:
-      return dispatch_kv<MemElemType::f16>(a);
-    case MemElemType::bf16:
-      return dispatch_kv<MemElemType::bf16>(a);
+    case ElemType::kFloat32:
+      return dispatch_kv<ElemType::kFloat32>(a);
+    case ElemType::kFloat16:
+      return dispatch_kv<ElemType::kFloat16>(a);
+    case ElemType::kBFloat16:
+      return dispatch_kv<ElemType::kBFloat16>(a);
     default:
       break;
   }

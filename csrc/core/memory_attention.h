@@ -5,9 +5,9 @@
 #pragma once
 #include <cstdint>
 
-namespace kcore {
+#include "core/dtype.h"
 
-enum class MemElemType : int { f32 = 0, f16 = 1, bf16 = 2, i8 = 3 };
+namespace kcore {
 
 // One layer's memory, laid out (num_kv_heads, mem_len, head_dim) with the last dim contiguous.
 struct MemoryTensor {
@@ -24,8 +24,8 @@ struct MemoryAttentionArgs {
   int64_t queries_per_head = 0;
   int64_t head_dim = 0;
   int64_t mem_len = 0;
-  MemElemType normed_dtype = MemElemType::f32;  // f32/f16/bf16
-  MemElemType kv_dtype = MemElemType::f32;      // of keys and values; i8 needs the row scales
+  ElemType normed_dtype = ElemType::kFloat32;  // float32/float16/bfloat16
+  ElemType kv_dtype = ElemType::kFloat32;      // of keys and values; int8 needs the row scales
   MemoryTensor keys_normed;                     // used for the ranking
   MemoryTensor keys;                            // used for the logits
   MemoryTensor values;

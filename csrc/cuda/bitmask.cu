@@ -77,15 +77,17 @@ std::string apply_token_bitmask(const BitmaskArgs& a, void* stream_ptr) {
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   cudaError_t err = cudaSuccess;
   switch (a.dtype) {
-    case LogitsDtype::kFloat32:
-      err = launch<uint32_t>(a, 0xFF800000u, stream);
+    case ElemType::kFloat32:
+      err = launch<uint32_t>(a, kNegInfBitsF32, stream);
       break;
-    case LogitsDtype::kFloat16:
-      err = launch<uint16_t>(a, static_cast<uint16_t>(0xFC00u), stream);
+    case ElemType::kFloat16:
+      err = launch<uint16_t>(a, kNegInfBitsF16, stream);
       break;
-    case LogitsDtype::kBFloat16:
-      err = launch<uint16_t>(a, static_cast<uint16_t>(0xFF80u), stream);
+    case ElemType::kBFloat16:
+      err = launch<uint16_t>(a, kNegInfBitsBF16, stream);
       break;
+    default:
+      return "logits must be float32, float16 or bfloat16";
   }
   return err == cudaSuccess ? std::string() : std::string(cudaGetErrorString(err));
 }

@@ -216,7 +216,7 @@ class MemoryAttentionHandle:
             return self._attention(module, query, key, value, attention_mask, scaling)
 
     def _attention(self, module, query, key, value, attention_mask, scaling):
-        from kcore.ops.memory_attn import memory_attention, merge_attention_states
+        from kcore.ops.memory_attention import context_attention, memory_attention, merge_attention_states
 
         layer = int(module.layer_idx)
         scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
@@ -268,73 +268,6 @@ def _is_prefill(q_len: int, kv_len: int, attention_mask) -> bool:
     last = attention_mask[:, :, -1, :kv_len]
     allowed = last if last.dtype == torch.bool else last > -math.inf
     return int(allowed.sum(dim=-1).max()) <= q_len
-
-
-def context_attention(query, key, value, attention_mask, scale):
-    """Causal attention over the context with its log-sum-exp.
-
-    Args:
-        query: ``(batch, num_q_heads, q_len, head_dim)``.
-        key, value: ``(batch, num_kv_heads, kv_len, head_dim)``; query head ``h`` reads KV head
-            ``h // (num_q_heads // num_kv_heads)``. The queries are the last ``q_len`` positions.
-        attention_mask: ``None`` (one query: every key; several: causal aligned top-left, as
-            SDPA's ``is_causal``) or ``(batch or 1, 1, q_len, kv_len)`` bool (True = attend) or
-            additive float.
-        scale: logit scale.
-
-    Returns:
-        ``(out (batch, num_q_heads, q_len, head_dim) in query's dtype, lse (batch, num_q_heads,
-        q_len) float32 natural log)``; rows with no visible key give zeros and ``-inf``.
-
-    On CPU the fused ``aten._scaled_dot_product_flash_attention_for_cpu`` kernel (which returns
-    the log-sum-exp) runs with the query heads of one KV group stacked along the query axis, so
-    the KV cache is never repeated; elsewhere a matmul path.
-    """
-    b, hq, q_len, d = query.shape
-    hkv, kv_len = key.shape[1], key.shape[2]
-    g = hq // hkv
-    if attention_mask is None:
-        allowed = None
-        if q_len > 1:
-            # As transformers' sdpa path: no mask and several queries means SDPA's is_causal,
-            # aligned top-left (query i sees keys 0..i). transformers passes no mask that way only
-            # when the two alignments agree (q_len == kv_len) or for a prefill into an empty static
-            # cache, whose unwritten slots must stay out of reach.
-            pos = torch.arange(q_len, device=query.device)
-            allowed = (torch.arange(kv_len, device=query.device)[None, :] <= pos[:, None]).view(1, 1, q_len, kv_len)
-    elif attention_mask.dtype == torch.bool:
-        allowed = attention_mask
-    else:
-        allowed = attention_mask > -math.inf
-    if allowed is not None:
-        mb = allowed.shape[0]
-        if attention_mask is not None and attention_mask.dtype != torch.bool:
-            bias = attention_mask.to(query.dtype)
-        else:
-            bias = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device).masked_fill_(~allowed, -math.inf)
-        # One mask row per stacked (group member, query) row.
-        bias = bias.expand(mb, 1, q_len, kv_len).unsqueeze(2).expand(mb, 1, g, q_len, kv_len).reshape(mb, 1, g * q_len, kv_len)
-    else:
-        bias = None
-    qg = query.reshape(b, hkv, g * q_len, d)
-    if query.device.type == "cpu":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            qg, key, value, 0.0, False, attn_mask=bias, scale=scale
-        )
-    else:
-        logits = torch.matmul(qg.float(), key.float().transpose(-1, -2)) * scale
-        if bias is not None:
-            logits = logits + bias.float()
-        lse = torch.logsumexp(logits, dim=-1)
-        p = torch.exp(logits - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse).unsqueeze(-1))
-        out = torch.matmul(p, value.float()).to(query.dtype)
-    out = out.reshape(b, hq, q_len, d)
-    lse = lse.float().reshape(b, hq, q_len)
-    if allowed is not None:
-        visible = allowed.any(dim=-1).expand(allowed.shape[0], 1, q_len)  # (batch or 1, 1, q_len)
-        lse = lse.masked_fill(~visible, -math.inf)
-        out = out.masked_fill(~visible.unsqueeze(-1), 0.0)
-    return out, lse
 
 
 def enable_memory_attention(
@@ -394,7 +327,7 @@ def enable_memory_attention(
             f"memory attention is already enabled on this model ({current}); call that handle's disable() first"
         )
     from kcore.ops._dispatch import resolve_backend
-    from kcore.ops.memory_attn import _SUPPORTED
+    from kcore.ops.memory_attention import _SUPPORTED
 
     resolve_backend(backend, next(model.parameters()).device, supported=_SUPPORTED)  # fail now, not mid-generate
     modules = attention_modules(model)

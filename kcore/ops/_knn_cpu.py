@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from kcore._native import native
+from kcore._native import native, tensor_arg
 
-_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _METRIC_CODE = {"l2": 0, "ip": 1}
 
 
@@ -21,10 +20,7 @@ def knn_search(queries: torch.Tensor, keys: torch.Tensor, k: int, metric: str):
         keys = keys.contiguous()  # overlapping rows (e.g. ``expand``): the kernel needs stride >= dim
     dists = torch.empty((nq, k), dtype=torch.float32)
     ids = torch.empty((nq, k), dtype=torch.int64)
-    native().knn_search(
-        q.data_ptr(), nq, dim, keys.data_ptr(), _DTYPE_CODE[keys.dtype], keys.shape[0],
-        keys.stride(0) if keys.shape[0] > 0 else dim, k, _METRIC_CODE[metric], dists.data_ptr(), ids.data_ptr(),
-    )
+    native().knn_search(tensor_arg(q), tensor_arg(keys), k, _METRIC_CODE[metric], tensor_arg(dists), tensor_arg(ids))
     return dists, ids
 
 
@@ -36,8 +32,7 @@ def knn_interpolate(lm_logits, dists, values, lmbda: float, temperature: float, 
     values = values.contiguous()
     out = torch.empty((batch, vocab), dtype=torch.float32)
     native().knn_interpolate(
-        lm_logits.data_ptr(), _DTYPE_CODE[lm_logits.dtype], batch, vocab,
-        lm_logits.stride(0) if batch > 1 else vocab, dists.data_ptr(), values.data_ptr(),
-        values.dtype == torch.int64, dists.shape[1], lmbda, temperature, _METRIC_CODE[metric], out.data_ptr(),
+        tensor_arg(lm_logits), tensor_arg(dists), tensor_arg(values), lmbda, temperature, _METRIC_CODE[metric],
+        tensor_arg(out),
     )
     return out

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.autograd.graph import increment_version
 
-from kcore._native import native
+from kcore._native import native, tensor_arg
 from kcore.errors import InvalidInputError
 from kcore.ops._dispatch import check_tensor, resolve_backend
 
@@ -29,8 +29,6 @@ __all__ = [
 
 BACKENDS = ("cpu", "triton", "cuda", "torch")
 LOGITS_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Element type codes understood by kcore._C (core/bitmask.h, LogitsDtype).
-_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 IndicesLike = Union[torch.Tensor, Sequence[int], None]
 
@@ -170,7 +168,7 @@ def apply_token_bitmask_(
 def _check_args(logits, bitmask, indices: IndicesLike) -> Optional[torch.Tensor]:
     """Checks of everything known without reading tensor values; returns indices as int64 or None."""
     # Cheap predicates first (this runs every decoding step); check_tensor words the error.
-    if not (isinstance(logits, torch.Tensor) and logits.dim() == 2 and logits.dtype in _DTYPE_CODE):
+    if not (isinstance(logits, torch.Tensor) and logits.dim() == 2 and logits.dtype in LOGITS_DTYPES):
         check_tensor("logits", logits, ndim=2, dtypes=LOGITS_DTYPES, dims="(batch, vocab)")
     if not (
         isinstance(bitmask, torch.Tensor)
@@ -262,11 +260,7 @@ def _apply(logits: torch.Tensor, bitmask: torch.Tensor, idx: Optional[torch.Tens
 
 
 def _apply_native(logits, bitmask, idx, stream) -> None:
-    args = (
-        logits.data_ptr(), _DTYPE_CODE[logits.dtype], logits.shape[0], logits.shape[1], logits.stride(0),
-        bitmask.data_ptr(), bitmask.shape[0], bitmask.shape[1], bitmask.stride(0),
-        0 if idx is None else idx.data_ptr(), 0 if idx is None else idx.numel(),
-    )  # fmt: skip
+    args = (tensor_arg(logits), tensor_arg(bitmask), None if idx is None else tensor_arg(idx))
     if stream is None:
         native().apply_token_bitmask_cpu(*args)
     else:

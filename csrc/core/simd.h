@@ -1,10 +1,14 @@
-// 16-lane float vectors for the kNN CPU kernels. GCC/Clang vector extensions: one zmm register
-// with AVX-512 (-march=native), split by the compiler into ymm/xmm pairs on older CPUs. The
-// conversions of half-precision keys use F16C / AVX-512 instructions when the build has them.
+// Float vectors of the CPU kernels (kNN search and interpolation, memory attention). GCC/Clang
+// vector extensions: a 16-lane v16f is one zmm register with AVX-512 (-march=native), split by the
+// compiler into ymm/xmm pairs on older CPUs; v8f is one ymm. The conversions of half-precision
+// elements use F16C / AVX-512 instructions when the build has them; the scalar converters are in
+// core/dtype.h.
 #pragma once
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+
+#include "core/dtype.h"
 
 #if defined(__F16C__) || defined(__AVX512F__)
 #include <immintrin.h>
@@ -22,6 +26,8 @@ typedef float v16f __attribute__((vector_size(64)));
 typedef int32_t v16i __attribute__((vector_size(64)));
 typedef uint32_t v16u __attribute__((vector_size(64)));
 typedef uint16_t v16h __attribute__((vector_size(32)));
+typedef float v8f __attribute__((vector_size(32)));
+typedef float v4f __attribute__((vector_size(16)));
 
 constexpr int kLanes = 16;
 
@@ -35,10 +41,34 @@ inline v16f load(const float* p) {
 
 inline void store(float* p, v16f v) { std::memcpy(p, &v, sizeof(v)); }
 
+inline v8f load8(const float* p) {
+  v8f v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof(v)); }
+
+inline v8f splat8(float x) { return v8f{} + x; }
+
+// Sum of the lanes in order (lane 0 first).
 inline float hsum(v16f v) {
   float s = 0.f;
   for (int i = 0; i < kLanes; ++i) s += v[i];
   return s;
+}
+
+// Sum of the lanes as a tree (halves added pairwise): fewer dependent adds than hsum.
+inline float hsum_pairwise(v16f v) {
+  v8f lo, hi;
+  std::memcpy(&lo, &v, sizeof(lo));
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
+  const v8f s8 = lo + hi;
+  v4f a, b;
+  std::memcpy(&a, &s8, sizeof(a));
+  std::memcpy(&b, reinterpret_cast<const char*>(&s8) + sizeof(a), sizeof(b));
+  const v4f s4 = a + b;
+  return (s4[0] + s4[1]) + (s4[2] + s4[3]);
 }
 
 inline float hmax(v16f v) {
@@ -80,29 +110,6 @@ inline v16f hsum16(const v16f* v) {
   return __builtin_shufflevector(d, d, 0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15);
 }
 
-// IEEE binary16 -> binary32 without hardware support (only used in portable builds).
-inline float half_to_float_soft(uint16_t h) {
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, bits;
-  if (exp == 0x1f) {
-    bits = sign | 0x7f800000u | (man << 13);
-  } else if (exp != 0) {
-    bits = sign | ((exp + 112u) << 23) | (man << 13);
-  } else if (man == 0) {
-    bits = sign;
-  } else {  // subnormal half: normalise
-    exp = 113;
-    while (!(man & 0x400u)) {
-      man <<= 1;
-      --exp;
-    }
-    bits = sign | (exp << 23) | ((man & 0x3ffu) << 13);
-  }
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
-
 // 16 consecutive fp16 values -> fp32 (exact).
 inline v16f load_f16(const uint16_t* p) {
 #if defined(__AVX512F__)
@@ -121,7 +128,7 @@ inline v16f load_f16(const uint16_t* p) {
   return v;
 #else
   v16f v;
-  for (int i = 0; i < kLanes; ++i) v[i] = half_to_float_soft(p[i]);
+  for (int i = 0; i < kLanes; ++i) v[i] = kcore::half_to_float_soft(p[i]);
   return v;
 #endif
 }
@@ -134,21 +141,6 @@ inline v16f load_bf16(const uint16_t* p) {
   v16f v;
   std::memcpy(&v, &u, sizeof(v));
   return v;
-}
-
-inline float f16_to_float(uint16_t h) {
-#if defined(__F16C__)
-  return _cvtsh_ss(h);
-#else
-  return half_to_float_soft(h);
-#endif
-}
-
-inline float bf16_to_float(uint16_t h) {
-  uint32_t bits = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
 }
 
 // exp(x) for 16 lanes, Cephes-style: x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial for e^r,
