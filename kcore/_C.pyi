@@ -6,7 +6,10 @@ import collections.abc
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['Trie', 'TrieBuilder', 'apply_token_bitmask_cpu', 'build_info', 'cpu_features', 'cuda_compiled', 'enter_host_openmp_scope', 'exit_host_openmp_scope', 'fact_step', 'knn_interpolate', 'knn_search', 'memory_attention_forward', 'merge_attention_states_f32', 'num_threads', 'parallel_backend', 'set_cpu_isa']
+# (data_ptr, dtype code, shape, strides in elements, device: -1 host or the CUDA index),
+# as kcore._native.tensor_arg builds it
+TensorArg: typing.TypeAlias = tuple[int, int, collections.abc.Sequence[int], collections.abc.Sequence[int], int]
+__all__: list[str] = ['Trie', 'TrieBuilder', 'apply_token_bitmask_cpu', 'build_info', 'cpu_features', 'cuda_compiled', 'echo_tensor_arg', 'elem_types', 'enter_host_openmp_scope', 'exit_host_openmp_scope', 'fact_step', 'knn_interpolate', 'knn_search', 'memory_attention_forward', 'merge_attention_states_f32', 'num_threads', 'parallel_backend', 'set_cpu_isa']
 class TrieBuilder:
     """
     Sort-based external-memory builder of a .ktrie file (see kcore.trie).
@@ -75,17 +78,21 @@ def _choose_cpu_isa(forced: str, cpu_features: collections.abc.Sequence[str]) ->
     """
     The variant chosen for a CPU with `cpu_features` (names as in cpu_features()) under KCORE_FORCE_ISA=`forced` ('' = unset); raises ValueError as the import would. For tests of the selection rule.
     """
-def apply_token_bitmask_cpu(logits: typing.SupportsInt | typing.SupportsIndex, dtype: typing.SupportsInt | typing.SupportsIndex, rows: typing.SupportsInt | typing.SupportsIndex, vocab: typing.SupportsInt | typing.SupportsIndex, logits_row_stride: typing.SupportsInt | typing.SupportsIndex, bitmask: typing.SupportsInt | typing.SupportsIndex, bitmask_rows: typing.SupportsInt | typing.SupportsIndex, bitmask_words: typing.SupportsInt | typing.SupportsIndex, bitmask_row_stride: typing.SupportsInt | typing.SupportsIndex, indices: typing.SupportsInt | typing.SupportsIndex, num_indices: typing.SupportsInt | typing.SupportsIndex) -> None:
+def apply_token_bitmask_cpu(logits: TensorArg, bitmask: TensorArg, indices: TensorArg | None = None) -> None:
     """
-    Set logits (host pointer, (rows, vocab), dtype code 0=fp32 1=fp16 2=bf16) to -inf in place where the int32 bitmask bit is 0. indices (int64 host pointer or 0) selects rows. Strides are in elements.
+    Set logits ((rows, vocab) float32/float16/bfloat16, host) to -inf in place where the int32 bitmask bit is 0. indices (int64 (num_indices,) or None) selects rows. Tensors as kcore._native.tensor_arg.
     """
 def build_info() -> dict:
     """
-    How this extension was built: compiler, build_type, baseline_flags, cuda_architectures.
+    How this extension was built: compiler, build_type, core_flags (of the code outside the kernel variants), cuda_architectures.
     """
 def cpu_features() -> dict:
     """
     The CPU kernel variant in use and why: dict with isa ('baseline' | 'avx2' | 'avx512' | 'native' | 'generic'), chosen_by ('cpuid' | 'KCORE_FORCE_ISA' | 'set_cpu_variant'), variants (compiled, slowest first), supported (those this CPU runs), variant_flags (compiler flags of each), runtime_extensions (extensions the variant in use picks at run time, e.g. 'avx512bf16'), cpu_vendor, cpu_brand, cpu_features (as GCC's -m options name them).
+    """
+def echo_tensor_arg(t: TensorArg) -> TensorArg:
+    """
+    The descriptor as the bindings see it (tests of the boundary contract).
     """
 def enter_host_openmp_scope() -> None:
     """
@@ -99,21 +106,21 @@ def fact_step(trie: Trie, rows: typing.SupportsInt | typing.SupportsIndex, mode:
     """
     One fact-constrained decoding step for every row (see csrc/core/fact_step.h): advances states, fills the bitmask, sets terminator bits and, when logits (host pointer, (rows, vocab), dtype code 0=fp32 1=fp16 2=bf16, row stride in elements) is not 0, masks them in place. Returns the number of constrained rows.
     """
-def knn_interpolate(logits: typing.SupportsInt | typing.SupportsIndex, logits_dtype: typing.SupportsInt | typing.SupportsIndex, batch: typing.SupportsInt | typing.SupportsIndex, vocab: typing.SupportsInt | typing.SupportsIndex, logits_stride: typing.SupportsInt | typing.SupportsIndex, dists: typing.SupportsInt | typing.SupportsIndex, values: typing.SupportsInt | typing.SupportsIndex, values_int64: bool, k: typing.SupportsInt | typing.SupportsIndex, lmbda: typing.SupportsFloat | typing.SupportsIndex, temperature: typing.SupportsFloat | typing.SupportsIndex, metric: typing.SupportsInt | typing.SupportsIndex, out: typing.SupportsInt | typing.SupportsIndex) -> None:
+def knn_interpolate(logits: TensorArg, dists: TensorArg, values: TensorArg, lmbda: typing.SupportsFloat | typing.SupportsIndex, temperature: typing.SupportsFloat | typing.SupportsIndex, metric: typing.SupportsInt | typing.SupportsIndex, out: TensorArg) -> None:
     """
-    Fused kNN-LM interpolation (see csrc/core/knn.h); writes fp32 log-probabilities to out.
+    Fused kNN-LM interpolation (see csrc/core/knn.h): logits (batch, vocab) float, dists (batch, k) float32, values (batch, k) int32/int64; writes float32 log-probabilities (batch, vocab) to out.
     """
-def knn_search(queries: typing.SupportsInt | typing.SupportsIndex, num_queries: typing.SupportsInt | typing.SupportsIndex, dim: typing.SupportsInt | typing.SupportsIndex, keys: typing.SupportsInt | typing.SupportsIndex, key_dtype: typing.SupportsInt | typing.SupportsIndex, num_keys: typing.SupportsInt | typing.SupportsIndex, key_stride: typing.SupportsInt | typing.SupportsIndex, k: typing.SupportsInt | typing.SupportsIndex, metric: typing.SupportsInt | typing.SupportsIndex, out_dists: typing.SupportsInt | typing.SupportsIndex, out_ids: typing.SupportsInt | typing.SupportsIndex) -> None:
+def knn_search(queries: TensorArg, keys: TensorArg, k: typing.SupportsInt | typing.SupportsIndex, metric: typing.SupportsInt | typing.SupportsIndex, out_dists: TensorArg, out_ids: TensorArg) -> None:
     """
-    Exact kNN search (see csrc/core/knn.h); pointers are data_ptr() values, queries fp32 contiguous.
+    Exact kNN search (see csrc/core/knn.h): queries (num_queries, dim) float32 contiguous, keys (num_keys, dim) float, rows contiguous; writes out_dists float32 and out_ids int64 (num_queries, k). Metric 0 = l2, 1 = ip.
     """
-def memory_attention_forward(query: typing.SupportsInt | typing.SupportsIndex, num_kv_heads: typing.SupportsInt | typing.SupportsIndex, queries_per_head: typing.SupportsInt | typing.SupportsIndex, head_dim: typing.SupportsInt | typing.SupportsIndex, mem_len: typing.SupportsInt | typing.SupportsIndex, normed_dtype: typing.SupportsInt | typing.SupportsIndex, kv_dtype: typing.SupportsInt | typing.SupportsIndex, keys_normed: typing.SupportsInt | typing.SupportsIndex, kn_stride_head: typing.SupportsInt | typing.SupportsIndex, kn_stride_row: typing.SupportsInt | typing.SupportsIndex, keys: typing.SupportsInt | typing.SupportsIndex, k_stride_head: typing.SupportsInt | typing.SupportsIndex, k_stride_row: typing.SupportsInt | typing.SupportsIndex, values: typing.SupportsInt | typing.SupportsIndex, v_stride_head: typing.SupportsInt | typing.SupportsIndex, v_stride_row: typing.SupportsInt | typing.SupportsIndex, key_scales: typing.SupportsInt | typing.SupportsIndex, value_scales: typing.SupportsInt | typing.SupportsIndex, topk: typing.SupportsInt | typing.SupportsIndex, scale: typing.SupportsFloat | typing.SupportsIndex, similarity_threshold: typing.SupportsFloat | typing.SupportsIndex | None, out: typing.SupportsInt | typing.SupportsIndex, lse: typing.SupportsInt | typing.SupportsIndex, indices: typing.SupportsInt | typing.SupportsIndex) -> None:
+def memory_attention_forward(query: TensorArg, mem_keys_normed: TensorArg, mem_keys: TensorArg, mem_values: TensorArg, mem_key_scales: TensorArg | None, mem_value_scales: TensorArg | None, topk: typing.SupportsInt | typing.SupportsIndex, scale: typing.SupportsFloat | typing.SupportsIndex, similarity_threshold: typing.SupportsFloat | typing.SupportsIndex | None, out: TensorArg, lse: TensorArg, indices: TensorArg) -> None:
     """
-    Top-k memory attention on CPU over raw pointers: query (num_kv_heads, queries_per_head, head_dim) float32 contiguous; memory tensors (num_kv_heads, mem_len, head_dim), last dim contiguous (keys/values may be int8 with (num_kv_heads, mem_len) float32 row scales, else 0 pointers); writes out (num_kv_heads, queries_per_head, head_dim) f32, lse (num_kv_heads, queries_per_head) f32, indices (num_kv_heads, queries_per_head, topk) int64. Releases the GIL.
+    Top-k memory attention on CPU: query (num_kv_heads, queries_per_head, head_dim) float32 contiguous; memory tensors (num_kv_heads, mem_len, head_dim), last dim contiguous (keys/values may be int8 with (num_kv_heads, mem_len) float32 row scales, else None); writes out (num_kv_heads, queries_per_head, head_dim) float32, lse (num_kv_heads, queries_per_head) float32, indices (num_kv_heads, queries_per_head, topk) int64. Releases the GIL.
     """
-def merge_attention_states_f32(out_a: typing.SupportsInt | typing.SupportsIndex, lse_a: typing.SupportsInt | typing.SupportsIndex, out_b: typing.SupportsInt | typing.SupportsIndex, lse_b: typing.SupportsInt | typing.SupportsIndex, rows: typing.SupportsInt | typing.SupportsIndex, head_dim: typing.SupportsInt | typing.SupportsIndex, out: typing.SupportsInt | typing.SupportsIndex, lse: typing.SupportsInt | typing.SupportsIndex) -> int:
+def merge_attention_states_f32(out_a: TensorArg, lse_a: TensorArg, out_b: TensorArg, lse_b: TensorArg, out: TensorArg, lse: TensorArg) -> int:
     """
-    Merge two attention states over raw float32 contiguous pointers: out_* (rows, head_dim), lse_* (rows). Returns 0, or 1 / 2 when lse_a / lse_b holds NaN or +inf (nothing written).
+    Merge two attention states, float32 contiguous host tensors: out_* (*batch_dims, head_dim), lse_* (*batch_dims). Returns 0, or 1 / 2 when lse_a / lse_b holds NaN or +inf (nothing written).
     """
 def num_threads() -> int:
     """
@@ -128,7 +135,8 @@ def set_cpu_isa(isa: str) -> None:
     Run every later CPU kernel call on variant `isa` (one of cpu_features()['supported']), for benchmarks and tests that compare the variants in one process; KCORE_FORCE_ISA does the same at import. Raises ValueError for a variant this build lacks or this CPU cannot run.
     """
 cuda_compiled: bool = False
-def apply_token_bitmask_cuda(logits: typing.SupportsInt | typing.SupportsIndex, dtype: typing.SupportsInt | typing.SupportsIndex, rows: typing.SupportsInt | typing.SupportsIndex, vocab: typing.SupportsInt | typing.SupportsIndex, logits_row_stride: typing.SupportsInt | typing.SupportsIndex, bitmask: typing.SupportsInt | typing.SupportsIndex, bitmask_rows: typing.SupportsInt | typing.SupportsIndex, bitmask_words: typing.SupportsInt | typing.SupportsIndex, bitmask_row_stride: typing.SupportsInt | typing.SupportsIndex, indices: typing.SupportsInt | typing.SupportsIndex, num_indices: typing.SupportsInt | typing.SupportsIndex, stream: typing.SupportsInt | typing.SupportsIndex) -> None:
+elem_types: dict = {'float32': 0, 'float16': 1, 'bfloat16': 2, 'int8': 3, 'int32': 4, 'int64': 5, 'uint8': 6, 'bool': 7}
+def apply_token_bitmask_cuda(logits: TensorArg, bitmask: TensorArg, indices: TensorArg | None, stream: typing.SupportsInt | typing.SupportsIndex) -> None:
     """
-    CUDA version of apply_token_bitmask_cpu: device pointers, launched on `stream` (cudaStream_t as int). Only in builds with the CUDA kernels (cuda_compiled).
+    CUDA version of apply_token_bitmask_cpu: device tensors, launched on `stream` (cudaStream_t as int). Only in builds with the CUDA kernels (cuda_compiled).
     """

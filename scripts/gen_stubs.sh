@@ -20,6 +20,13 @@ except FileNotFoundError:
 for m in re.finditer(r"^def (\w+_cuda)\(.*?(?=^def |^class |\Z)", old, re.S | re.M):
     if f"def {m.group(1)}(" not in new:
         new = new.rstrip("\n") + "\n" + m.group(0)
+# TensorArg is a type caster (csrc/bindings/checks.h), not a class: name its Python form.
+if "TensorArg" in new and "TensorArg: typing.TypeAlias" not in new:
+    alias = ("# (data_ptr, dtype code, shape, strides in elements, device: -1 host or the CUDA index),\n"
+             "# as kcore._native.tensor_arg builds it\n"
+             "TensorArg: typing.TypeAlias = tuple[int, int, collections.abc.Sequence[int], "
+             "collections.abc.Sequence[int], int]\n")
+    new = new.replace("import typing\n", "import typing\n" + alias, 1)
 open(old_path, "w").write(new)
 PY
 echo "wrote kcore/_C.pyi"
