@@ -88,7 +88,7 @@ def build_info() -> dict:
     """
 def cpu_features() -> dict:
     """
-    The CPU kernel variant in use and why: dict with isa ('baseline' | 'avx2' | 'avx512' | 'native' | 'generic'), chosen_by ('cpuid' | 'KCORE_FORCE_ISA' | 'set_cpu_variant'), variants (compiled, slowest first), supported (those this CPU runs), variant_flags (compiler flags of each), runtime_extensions (extensions the variant in use picks at run time, e.g. 'avx512bf16'), cpu_vendor, cpu_brand, cpu_features (as GCC's -m options name them).
+    The CPU kernel variant in use and why: dict with isa ('baseline' | 'avx2' | 'avx512' | 'native' | 'generic'), chosen_by ('cpuid' | 'KCORE_FORCE_ISA' | 'set_cpu_isa'), variants (compiled, slowest first), supported (those this CPU runs), variant_flags (compiler flags of each), runtime_extensions (extensions the variant in use picks at run time, e.g. 'avx512bf16'), cpu_vendor, cpu_brand, cpu_features (as GCC's -m options name them).
     """
 def echo_tensor_arg(t: TensorArg) -> TensorArg:
     """

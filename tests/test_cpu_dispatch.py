@@ -119,11 +119,17 @@ def test_kcore_force_isa_unknown_fails_import_clearly():
     assert "ImportError: kcore._C: KCORE_FORCE_ISA='avx1024' is not a kernel variant of this build" in r.stderr
 
 
-def test_set_cpu_isa_rejects_unknown_and_keeps_variant():
+def test_set_cpu_isa_switches_and_rejects_unknown():
     before = C.cpu_features()["isa"]
     with pytest.raises(ValueError, match="not a kernel variant"):
         C.set_cpu_isa("avx1024")
     assert C.cpu_features()["isa"] == before
+    C.set_cpu_isa(FEATURES["supported"][0])
+    try:
+        f = C.cpu_features()
+        assert (f["isa"], f["chosen_by"]) == (FEATURES["supported"][0], "set_cpu_isa")
+    finally:
+        C.set_cpu_isa(before)
 
 
 # ---- every variant this CPU runs gives the reference results ------------------------------------

@@ -65,13 +65,13 @@ void register_cpu(py::module_& m) {
   }
   m.def("cpu_features", &cpu_features,
         "The CPU kernel variant in use and why: dict with isa ('baseline' | 'avx2' | 'avx512' | 'native' | "
-        "'generic'), chosen_by ('cpuid' | 'KCORE_FORCE_ISA' | 'set_cpu_variant'), variants (compiled, slowest "
+        "'generic'), chosen_by ('cpuid' | 'KCORE_FORCE_ISA' | 'set_cpu_isa'), variants (compiled, slowest "
         "first), supported (those this CPU runs), variant_flags (compiler flags of each), runtime_extensions "
         "(extensions the variant in use picks at run time, e.g. 'avx512bf16'), cpu_vendor, cpu_brand, "
         "cpu_features (as GCC's -m options name them).");
   m.def("build_info", &build_info, "How this extension was built: compiler, build_type, core_flags (of the code outside the kernel variants), cuda_architectures.");
   m.def(
-      "set_cpu_isa", [](const std::string& isa) { set_cpu_variant(isa); }, py::arg("isa"),
+      "set_cpu_isa", [](const std::string& isa) { set_cpu_isa(isa); }, py::arg("isa"),
       "Run every later CPU kernel call on variant `isa` (one of cpu_features()['supported']), for benchmarks and "
       "tests that compare the variants in one process; KCORE_FORCE_ISA does the same at import. Raises ValueError "
       "for a variant this build lacks or this CPU cannot run.");

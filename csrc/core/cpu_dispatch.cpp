@@ -92,11 +92,11 @@ const char* cpu_variant_source() {
   return g_source.load();
 }
 
-void set_cpu_variant(const std::string& isa) {
+void set_cpu_isa(const std::string& isa) {
   const CpuKernels& v = choose_cpu_variant(isa, cpu_info().features);
   std::lock_guard<std::mutex> lock(g_choose_mutex);
   g_active.store(&v, std::memory_order_release);
-  g_source.store("set_cpu_variant");
+  g_source.store("set_cpu_isa");
 }
 
 // The public kernels: forward to the chosen variant.

@@ -8,7 +8,7 @@
 //   avx512    kcore::cpu_avx512    -march=x86-64-v4  (AVX-512 F/BW/CD/DQ/VL; BF16 chosen at run time)
 //   native    kcore::cpu_native    -march=native     (only with KCORE_NATIVE=ON)
 // (one "generic" variant, default flags, off x86-64). Each variant's objects are linked into one
-// relocatable object whose symbols, but for its namespace, are made local (cmake/cpu_variant.cmake):
+// relocatable object whose symbols, but for its namespace, are made local (cmake/cpu_variants.cmake):
 // inline functions and templates compiled with AVX-512 can then never stand in for the baseline's
 // copies at link time. The public functions below (kcore::apply_token_bitmask_cpu, ...) forward
 // to the variant chosen once, at the first call: the best one this CPU runs, or $KCORE_FORCE_ISA.
@@ -50,13 +50,13 @@ const std::vector<const CpuKernels*>& cpu_variants();
 const CpuKernels& choose_cpu_variant(const std::string& forced, uint64_t cpu_features);
 
 // The variant in use. The first call chooses it from $KCORE_FORCE_ISA and cpu_info() (throws as
-// choose_cpu_variant does); later calls return the same, unless set_cpu_variant changed it.
+// choose_cpu_variant does); later calls return the same, unless set_cpu_isa changed it.
 const CpuKernels& cpu_kernels();
-// How the variant in use was chosen: "cpuid", "KCORE_FORCE_ISA" or "set_cpu_variant".
+// How the variant in use was chosen: "cpuid", "KCORE_FORCE_ISA" or "set_cpu_isa".
 const char* cpu_variant_source();
 // Switches every later kernel call to the variant `isa` (benchmarks and tests compare variants in
 // one process); throws as choose_cpu_variant. Calls already running finish on the old variant.
-void set_cpu_variant(const std::string& isa);
+void set_cpu_isa(const std::string& isa);
 
 }  // namespace kcore
 
