@@ -26,11 +26,13 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "FactTrie": "kcore.trie",
+    "show_config": "kcore._native",
 }
 _SUBMODULES = ("ops", "hf", "memory", "attention", "kb", "models", "tokenizer")
 
 __all__ = [
     "FactTrie",
+    "show_config",
     "KcoreError",
     "InvalidInputError",
     "FileFormatError",

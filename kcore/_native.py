@@ -20,12 +20,57 @@ def native():
     """Return the ``kcore._C`` module; raise ``BackendUnavailableError`` if it was not built."""
     try:
         from kcore import _C
-    except ImportError as e:  # pragma: no cover - only on a broken install
-        raise BackendUnavailableError(
+    except ImportError as e:
+        if str(e).startswith("kcore._C: "):  # built, but refused this CPU or KCORE_FORCE_ISA: says why
+            raise
+        raise BackendUnavailableError(  # pragma: no cover - only on a broken install
             f"kcore's native extension kcore._C cannot be imported ({e}); "
-            "reinstall kcore with `pip install .` from a source checkout"
+            "reinstall kcore (`pip install kcore`, or `pip install .` from a source checkout)"
         ) from e
     return _C
+
+
+def show_config(mode: str = "stdout"):
+    """Print (``mode="stdout"``) or return (``mode="dicts"``) how kcore was built and which CPU
+    kernels run here, like ``numpy.show_config()``.
+
+    The CPU kernels (bitmask apply, kNN search and interpolation, memory attention) are compiled
+    for several instruction sets; the best one this CPU runs is chosen at import from cpuid
+    (``baseline`` = x86-64-v2, ``avx2`` = x86-64-v3, ``avx512`` = x86-64-v4, ``native`` in a
+    ``KCORE_NATIVE=ON`` build). ``KCORE_FORCE_ISA=baseline|avx2|avx512`` overrides the choice; a
+    variant this build lacks or this CPU cannot run fails the import with an ``ImportError``
+    naming the missing CPU features. Returns ``None``, or with ``mode="dicts"`` a dict with keys
+    ``kcore``, ``build`` and ``cpu``. Raises ``ValueError`` for another mode.
+    """
+    if mode not in ("stdout", "dicts"):
+        raise ValueError(f"mode must be 'stdout' or 'dicts', got {mode!r}")
+    import kcore
+
+    c = native()
+    cpu = c.cpu_features()
+    info = {
+        "kcore": {"version": kcore.__version__, "extension": c.__file__},
+        "build": {**c.build_info(), "cuda_compiled": bool(c.cuda_compiled)},
+        "cpu": {**cpu, "num_threads": c.num_threads(), "parallel_backend": c.parallel_backend()},
+    }
+    if mode == "dicts":
+        return info
+    b = info["build"]
+    lines = [
+        f"kcore {kcore.__version__}: {c.__file__}",
+        f"build: {b['compiler']}, {b['build_type']}, flags outside the kernels '{b['core_flags']}', "
+        + (f"CUDA kernels for sm {b['cuda_architectures']}" if b["cuda_compiled"] else "no CUDA kernels"),
+        f"CPU: {cpu['cpu_brand'] or 'unknown'} ({cpu['cpu_vendor'] or 'unknown vendor'})",
+        f"CPU features: {' '.join(cpu['cpu_features']) or 'none detected'}",
+        "kernel variants: " + ", ".join(
+            f"{v} ({cpu['variant_flags'][v]}{'' if v in cpu['supported'] else '; not on this CPU'})"
+            for v in cpu["variants"]),
+        f"kernel variant in use: {cpu['isa']} (chosen by {cpu['chosen_by']})"
+        + (f", plus {', '.join(cpu['runtime_extensions'])} at run time" if cpu["runtime_extensions"] else ""),
+        f"CPU threads: {info['cpu']['num_threads']} ({info['cpu']['parallel_backend']})",
+    ]
+    print("\n".join(lines))
+    return None
 
 
 # torch.dtype -> element type code, built from kcore._C.elem_types on first use (see tensor_arg).

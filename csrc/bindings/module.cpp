@@ -58,6 +58,7 @@ PYBIND11_MODULE(_C, m) {
         "(unless KCORE_HOST_OPENMP=0). Scopes nest.");
   m.def("exit_host_openmp_scope", &kcore::exit_host_openmp_scope, "Close one enter_host_openmp_scope().");
   m.def("num_threads", &kcore::num_threads, "Threads the CPU kernels may use ($KCORE_NUM_THREADS or the core count).");
+  kcore::bindings::register_cpu(m);
   kcore::bindings::register_trie(m);
   kcore::bindings::register_bitmask(m);
   kcore::bindings::register_facts(m);

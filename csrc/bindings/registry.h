@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 
 namespace kcore::bindings {
+void register_cpu(pybind11::module_& m);
 void register_trie(pybind11::module_& m);
 void register_bitmask(pybind11::module_& m);
 void register_facts(pybind11::module_& m);

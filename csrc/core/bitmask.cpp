@@ -9,10 +9,12 @@
 #define KCORE_BITMASK_AVX512 1
 #endif
 
+#include "core/cpu_dispatch.h"  // compiled once per CPU variant, into namespace KCORE_ISA
 #include "core/errors.h"
 #include "core/parallel.h"
 
 namespace kcore {
+namespace KCORE_ISA {
 namespace {
 
 // Above this many bytes of logits per call, fully masked lines are streamed past the cache.
@@ -58,11 +60,20 @@ void mask_row_32bit(uint32_t* row, const int32_t* words, int64_t n) {
     _mm512_mask_storeu_epi32(row + 32 * full + 16, static_cast<__mmask16>(drop >> 16), neg_inf);
   }
 #else
+  // Branch-free select (a random mask mispredicts every other branch), which the compiler
+  // vectorises for each variant: variable shifts + blends with AVX2, shifts and masks with SSE.
   for (int64_t w = 0; w < full; ++w) {
     const uint32_t keep = static_cast<uint32_t>(words[w]);
     if (keep == 0xFFFFFFFFu) continue;
     uint32_t* p = row + 32 * w;
-    for (int b = 0; b < 32; ++b) p[b] = ((keep >> b) & 1u) ? p[b] : kNegInfBitsF32;
+    if (keep == 0) {  // the common word of a constrained row: plain stores, no read
+      std::fill_n(p, 32, kNegInfBitsF32);
+      continue;
+    }
+    for (int b = 0; b < 32; ++b) {
+      const uint32_t m = 0u - ((keep >> b) & 1u);  // all ones where allowed
+      p[b] = (p[b] & m) | (kNegInfBitsF32 & ~m);
+    }
   }
   for (int64_t j = 32 * full; j < n; ++j)
     if (!((static_cast<uint32_t>(words[full]) >> (j - 32 * full)) & 1u)) row[j] = kNegInfBitsF32;
@@ -94,7 +105,14 @@ void mask_row_16bit(uint16_t* row, const int32_t* words, int64_t n, uint16_t neg
     const uint32_t keep = static_cast<uint32_t>(words[w]);
     if (keep == 0xFFFFFFFFu) continue;
     uint16_t* p = row + 32 * w;
-    for (int b = 0; b < 32; ++b) p[b] = ((keep >> b) & 1u) ? p[b] : neg_inf_bits;
+    if (keep == 0) {
+      std::fill_n(p, 32, neg_inf_bits);
+      continue;
+    }
+    for (int b = 0; b < 32; ++b) {
+      const uint16_t m = static_cast<uint16_t>(0u - ((keep >> b) & 1u));
+      p[b] = static_cast<uint16_t>((p[b] & m) | (neg_inf_bits & ~m));
+    }
   }
   for (int64_t j = 32 * full; j < n; ++j)
     if (!((static_cast<uint32_t>(words[full]) >> (j - 32 * full)) & 1u)) row[j] = neg_inf_bits;
@@ -120,41 +138,6 @@ void mask_row(const BitmaskArgs& a, int64_t r) {
 }
 
 }  // namespace
-
-void validate_bitmask_args(const BitmaskArgs& a, bool indices_on_host) {
-  if (!is_float(a.dtype))
-    throw InvalidInput(std::string("logits must be float32, float16 or bfloat16, got ") + elem_type_name(a.dtype));
-  if (a.rows < 0 || a.vocab < 0)
-    throw InvalidInput("logits shape must be non-negative, got (" + std::to_string(a.rows) + ", " + std::to_string(a.vocab) + ")");
-  const int64_t needed_words = (a.vocab + 31) / 32;
-  if (a.bitmask_words < needed_words)
-    throw InvalidInput("bitmask must have at least ceil(vocab / 32) = " + std::to_string(needed_words) +
-                       " words per row for vocab = " + std::to_string(a.vocab) + ", got " + std::to_string(a.bitmask_words));
-  if (a.bitmask_rows < 0 || a.bitmask_row_stride < 0)
-    throw InvalidInput("bitmask rows and row stride must be >= 0, got " + std::to_string(a.bitmask_rows) + " and " +
-                       std::to_string(a.bitmask_row_stride));
-  if (a.rows > 1 && a.logits_row_stride < a.vocab)
-    throw InvalidInput("logits row stride must be >= vocab = " + std::to_string(a.vocab) + ", got " +
-                       std::to_string(a.logits_row_stride));
-  if (a.num_indices < 0) throw InvalidInput("num_indices must be >= 0, got " + std::to_string(a.num_indices));
-  if (a.indices == nullptr && a.bitmask_rows != a.rows)
-    throw InvalidInput("bitmask must have as many rows as logits (" + std::to_string(a.rows) + ") when indices is None, got " +
-                       std::to_string(a.bitmask_rows));
-  const bool has_work = a.vocab > 0 && (a.indices ? a.num_indices > 0 : a.rows > 0);
-  if (has_work && (a.logits == nullptr || a.bitmask == nullptr))
-    throw InvalidInput("logits and bitmask pointers must not be null");
-  if (a.indices == nullptr && a.num_indices != 0)
-    throw InvalidInput("indices pointer is null but num_indices = " + std::to_string(a.num_indices));
-  if (a.indices != nullptr && indices_on_host) {
-    const int64_t limit = std::min(a.rows, a.bitmask_rows);
-    for (int64_t i = 0; i < a.num_indices; ++i) {
-      const int64_t r = a.indices[i];
-      if (r < 0 || r >= limit)
-        throw InvalidInput("indices[" + std::to_string(i) + "] = " + std::to_string(r) + " is out of range [0, " +
-                           std::to_string(limit) + ") (rows of logits and bitmask)");
-    }
-  }
-}
 
 void apply_token_bitmask_cpu(const BitmaskArgs& a) {
   validate_bitmask_args(a, /*indices_on_host=*/true);
@@ -184,4 +167,5 @@ void apply_token_bitmask_cpu(const BitmaskArgs& a) {
   }
 }
 
+}  // namespace KCORE_ISA
 }  // namespace kcore

@@ -10,11 +10,13 @@
 #include <vector>
 
 #include "core/errors.h"
+#include "core/cpu_dispatch.h"  // compiled once per CPU variant, into namespace KCORE_ISA
 #include "core/knn.h"
 #include "core/simd.h"
 #include "core/parallel.h"
 
 namespace kcore {
+namespace KCORE_ISA {
 namespace {
 
 using simd::v16f;
@@ -251,4 +253,5 @@ void knn_interpolate_cpu(const void* logits, ElemType logits_dtype, int64_t batc
   }
 }
 
+}  // namespace KCORE_ISA
 }  // namespace kcore

@@ -9,11 +9,13 @@
 #include <limits>
 #include <vector>
 
+#include "core/cpu_dispatch.h"  // compiled once per CPU variant, into namespace KCORE_ISA
 #include "core/knn.h"
 #include "core/simd.h"
 #include "core/parallel.h"
 
 namespace kcore {
+namespace KCORE_ISA {
 namespace {
 
 using simd::v16f;
@@ -236,8 +238,10 @@ void search_range(const float* qbuf, int64_t nq, int64_t dim, int64_t dp, const 
   }
 }
 
-#if defined(__AVX512BF16__)
+#if defined(__AVX512F__)
 // ---- bf16 keys, several queries: the compute-bound case -----------------------------------
+// Compiled into the AVX-512 variants for CPUs with AVX512_BF16 (Zen 4, Sapphire Rapids) and taken
+// only when cpuid reports it (has_avx512bf16), so the same variant still runs on Skylake-X.
 // vdpbf16ps multiplies bf16 pairs at twice the rate of fp32 FMAs, but needs bf16 queries. So the
 // queries are rounded to bf16 for a first pass, which gives each score with a rigorous error
 // bound; keys whose bound interval can still reach the top k are kept as candidates and re-scored
@@ -248,8 +252,12 @@ void search_range(const float* qbuf, int64_t nq, int64_t dim, int64_t dp, const 
 constexpr int64_t kBf16MinQueries = 4;
 
 // out[qi * out_stride + kj] = <q_bf16_qi, x_kj> with vdpbf16ps (fp32 accumulation), dim % 32 == 0.
+#define KCORE_TARGET_BF16 __attribute__((target("avx512bf16")))
+
+inline bool has_avx512bf16() { return (cpu_info().features & cpu::bit(cpu::kAvx512bf16)) != 0; }
+
 template <int QT, int KT>
-inline void dot_tile_bf16(const uint16_t* q, int64_t dim, const uint16_t* x, int64_t stride, float* out,
+KCORE_TARGET_BF16 inline void dot_tile_bf16(const uint16_t* q, int64_t dim, const uint16_t* x, int64_t stride, float* out,
                           int64_t out_stride) {
   __m512 acc[QT][KT];
   for (int qi = 0; qi < QT; ++qi)
@@ -313,7 +321,7 @@ struct BoundTopK {
 // and each key's rounding error ||x - x_bf16|| enters the bound:
 //   |<q, x> - <q_bf16, x_bf16>| <= ||q|| ||x - x_bf16|| + (||q - q_bf16|| + gamma ||q_bf16||) ||x_bf16||.
 template <ElemType DT>
-void search_range_bf16(const float* qbuf, int64_t nq, int64_t dim, const uint16_t* keys, int64_t stride,
+KCORE_TARGET_BF16 void search_range_bf16(const float* qbuf, int64_t nq, int64_t dim, const uint16_t* keys, int64_t stride,
                        int64_t begin, int64_t end, int64_t k, KnnMetric metric, std::vector<TopK>& tops) {
   static_assert(DT == ElemType::kBFloat16 || DT == ElemType::kFloat16, "half-precision keys only");
   const bool l2 = metric == KnnMetric::L2;
@@ -447,7 +455,7 @@ void search_range_bf16(const float* qbuf, int64_t nq, int64_t dim, const uint16_
     }
   }
 }
-#endif  // __AVX512BF16__
+#endif  // __AVX512F__
 
 }  // namespace
 
@@ -487,8 +495,8 @@ void knn_search_cpu(const float* queries, int64_t num_queries, int64_t dim, cons
           search_range<ElemType::kFloat32>(qbuf.data(), num_queries, dim, dp, keys, key_stride, begin, end, k, metric, t);
           break;
         case ElemType::kFloat16:
-#if defined(__AVX512BF16__)
-          if (num_queries >= kBf16MinQueries && dim % 32 == 0) {
+#if defined(__AVX512F__)
+          if (num_queries >= kBf16MinQueries && dim % 32 == 0 && has_avx512bf16()) {
             search_range_bf16<ElemType::kFloat16>(qbuf.data(), num_queries, dim, static_cast<const uint16_t*>(keys),
                                              key_stride, begin, end, k, metric, t);
             break;
@@ -497,8 +505,8 @@ void knn_search_cpu(const float* queries, int64_t num_queries, int64_t dim, cons
           search_range<ElemType::kFloat16>(qbuf.data(), num_queries, dim, dp, keys, key_stride, begin, end, k, metric, t);
           break;
         case ElemType::kBFloat16:
-#if defined(__AVX512BF16__)
-          if (num_queries >= kBf16MinQueries && dim % 32 == 0) {
+#if defined(__AVX512F__)
+          if (num_queries >= kBf16MinQueries && dim % 32 == 0 && has_avx512bf16()) {
             search_range_bf16<ElemType::kBFloat16>(qbuf.data(), num_queries, dim, static_cast<const uint16_t*>(keys),
                                               key_stride, begin, end, k, metric, t);
             break;
@@ -539,4 +547,5 @@ void knn_search_cpu(const float* queries, int64_t num_queries, int64_t dim, cons
   }
 }
 
+}  // namespace KCORE_ISA
 }  // namespace kcore

@@ -7,11 +7,13 @@
 #include <string>
 #include <vector>
 
+#include "core/cpu_dispatch.h"  // compiled once per CPU variant, into namespace KCORE_ISA
 #include "core/errors.h"
 #include "core/parallel.h"
 #include "core/simd.h"
 
 namespace kcore {
+namespace KCORE_ISA {
 namespace {
 
 using simd::load8;
@@ -388,4 +390,5 @@ int merge_attention_states_f32(const float* out_a, const float* lse_a, const flo
   return 0;
 }
 
+}  // namespace KCORE_ISA
 }  // namespace kcore

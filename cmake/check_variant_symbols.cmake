@@ -1,0 +1,26 @@
+# cmake -DOBJECT=<variant object> -DNM=<nm> -DKEEP=<mangled prefix> -P check_variant_symbols.cmake
+# Fails when a kernel variant's object defines a global symbol outside its own namespace: such a
+# symbol could replace another variant's or the baseline's copy at link time (cpu_variants.cmake).
+execute_process(COMMAND "${NM}" --defined-only "${OBJECT}" OUTPUT_VARIABLE out RESULT_VARIABLE rc)
+if(NOT rc EQUAL 0)
+  message(FATAL_ERROR "${NM} failed on ${OBJECT}")
+endif()
+string(REPLACE "\n" ";" lines "${out}")
+set(bad "")
+set(kept 0)
+foreach(line IN LISTS lines)
+  # global (upper case but U), weak (V, W) and GNU-unique (u) definitions; lower case is local
+  if(line MATCHES "^[0-9a-fA-F]* *[A-TV-Zu] (.+)$")
+    if(CMAKE_MATCH_1 MATCHES "^${KEEP}")
+      math(EXPR kept "${kept} + 1")
+    else()
+      list(APPEND bad "${CMAKE_MATCH_1}")
+    endif()
+  endif()
+endforeach()
+if(bad)
+  message(FATAL_ERROR "${OBJECT}: global symbols outside ${KEEP}*: ${bad}")
+endif()
+if(kept EQUAL 0)
+  message(FATAL_ERROR "${OBJECT}: no global symbol ${KEEP}* (the variant's kernel table is missing)")
+endif()
