@@ -206,8 +206,33 @@ CHILD = textwrap.dedent(
         from kcore.kb_files import iter_facts
         FactTrie.from_facts(announce(iter_facts(kb), "started"), Tokenizer.from_file(tok), out,
                             memory_budget_bytes=1 << 20, progress=False, batch_size=64)
-    else:  # token ids: a long native merge of many small runs
-        facts = ([i % 1000, (i * 7919) % 1000, i % 997, (i // 1000) % 1000] for i in range(2_500_000))
+    else:  # token ids: a native merge of many small runs, slowed down so the signal lands inside it
+        import time, types
+        import kcore.trie_build as tb
+        C = tb.native()
+
+        class SlowMerge(C.TrieBuilder):
+            # The merge calls the progress hook now and then; this wraps whatever hook the builder
+            # installs, announces the merge once and sleeps, so the merge outlasts the signal's
+            # delivery on any machine (a fast one used to finish first).
+            @property
+            def progress(self):
+                return C.TrieBuilder.progress.__get__(self)
+
+            @progress.setter
+            def progress(self, hook):
+                said = []
+                def slow(phase, done):
+                    if phase == 1:
+                        if not said:
+                            said.append(1)
+                            print("merging", flush=True)
+                        time.sleep(0.2)
+                    return hook(phase, done)
+                C.TrieBuilder.progress.__set__(self, slow)
+
+        tb.native = lambda: types.SimpleNamespace(TrieBuilder=SlowMerge)
+        facts = ([i % 1000, (i * 7919) % 1000, i % 997, (i // 1000) % 1000] for i in range(400_000))
         FactTrie.build(announce(facts, "started"), out, vocab_size=1000, memory_budget_bytes=1 << 20, progress=False)
     print("finished", flush=True)
     """
@@ -260,7 +285,7 @@ def test_interrupted_while_reading_leaves_nothing(tmp_path, big_kb, sig):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
 def test_interrupted_in_the_native_merge_leaves_nothing(tmp_path, big_kb, sig):
     kb, tok_file = big_kb
-    rc, out, err, folder = _run_and_signal(tmp_path, "ids", kb, tok_file, "fed", sig)
+    rc, out, err, folder = _run_and_signal(tmp_path, "ids", kb, tok_file, "merging", sig)
     assert "finished" not in out and rc != 0, (out, err)
     if sig == signal.SIGINT:
         assert "KeyboardInterrupt" in err
