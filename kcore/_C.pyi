@@ -9,7 +9,7 @@ import typing
 # (data_ptr, dtype code, shape, strides in elements, device: -1 host or the CUDA index),
 # as kcore._native.tensor_arg builds it
 TensorArg: typing.TypeAlias = tuple[int, int, collections.abc.Sequence[int], collections.abc.Sequence[int], int]
-__all__: list[str] = ['Trie', 'TrieBuilder', 'apply_token_bitmask_cpu', 'build_info', 'cpu_features', 'cuda_compiled', 'echo_tensor_arg', 'elem_types', 'enter_host_openmp_scope', 'exit_host_openmp_scope', 'fact_step', 'knn_interpolate', 'knn_search', 'memory_attention_forward', 'merge_attention_states_f32', 'num_threads', 'parallel_backend', 'set_cpu_isa']
+__all__: list[str] = ['FactMatcher', 'Trie', 'TrieBuilder', 'apply_token_bitmask_cpu', 'apply_token_bitmask_keep_finite_cpu', 'build_info', 'cpu_features', 'cuda_compiled', 'echo_tensor_arg', 'elem_types', 'enter_host_openmp_scope', 'exit_host_openmp_scope', 'fact_step', 'knn_interpolate', 'knn_search', 'memory_attention_forward', 'merge_attention_states_f32', 'num_threads', 'parallel_backend', 'set_cpu_isa']
 class TrieBuilder:
     """
     Sort-based external-memory builder of a .ktrie file (see kcore.trie).
@@ -24,6 +24,14 @@ class TrieBuilder:
         ...
     @property
     def num_added(self) -> int:
+        ...
+    @property
+    def progress(self) -> typing.Any:
+        """
+        None or a callable (phase: 0 spill, 1 merge, 2 write; done: count) run now and then during long native work; an exception it raises cancels the build.
+        """
+    @progress.setter
+    def progress(self, arg1: typing.Any) -> None:
         ...
 class Trie:
     """
@@ -74,6 +82,68 @@ class Trie:
     @property
     def vocab_size(self) -> int:
         ...
+class FactMatcher:
+    """
+    Native fact-decoding state per row (see kcore.matcher.FactMatcher).
+    """
+    def __init__(self, trie: Trie, triggers: collections.abc.Sequence[collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex]], terminator: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], end_tokens: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], stop_tokens: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], avoid_duplicates: bool, max_rollback_tokens: typing.SupportsInt | typing.SupportsIndex, batch_size: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    def accept_token(self, row: typing.SupportsInt | typing.SupportsIndex, token: typing.SupportsInt | typing.SupportsIndex, strict: bool = True) -> None:
+        ...
+    def accept_tokens(self, rows: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], tokens: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], strict: bool = True) -> None:
+        ...
+    def fill_next_token_bitmask(self, bitmask: numpy.ndarray, rows: typing.Annotated[numpy.typing.ArrayLike, numpy.int64] | None = None) -> numpy.typing.NDArray[numpy.bool]:
+        ...
+    def fill_next_token_bitmask_row(self, bitmask: numpy.ndarray, row: typing.SupportsInt | typing.SupportsIndex, index: typing.SupportsInt | typing.SupportsIndex = 0) -> bool:
+        ...
+    def fork(self, src_rows: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], dst_rows: typing.Annotated[numpy.typing.ArrayLike, numpy.int64]) -> None:
+        ...
+    def is_allowed(self, row: typing.SupportsInt | typing.SupportsIndex, token: typing.SupportsInt | typing.SupportsIndex) -> bool:
+        ...
+    def is_in_fact(self, rows: typing.Annotated[numpy.typing.ArrayLike, numpy.int64] | None = None) -> numpy.typing.NDArray[numpy.bool]:
+        ...
+    def is_terminated(self, rows: typing.Annotated[numpy.typing.ArrayLike, numpy.int64] | None = None) -> numpy.typing.NDArray[numpy.bool]:
+        ...
+    def mode(self, row: typing.SupportsInt | typing.SupportsIndex) -> int:
+        """
+        0 free text, 1 inside a fact, 2 forcing the terminator.
+        """
+    def open_fact(self, row: typing.SupportsInt | typing.SupportsIndex) -> typing.Any:
+        ...
+    def position(self, row: typing.SupportsInt | typing.SupportsIndex) -> int:
+        ...
+    def prefill(self, row: typing.SupportsInt | typing.SupportsIndex, token_ids: typing.Annotated[numpy.typing.ArrayLike, numpy.int64]) -> None:
+        ...
+    def reset(self, rows: typing.Annotated[numpy.typing.ArrayLike, numpy.int64] | None = None) -> None:
+        ...
+    def rollback(self, row: typing.SupportsInt | typing.SupportsIndex, n: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    def rollback_available(self, row: typing.SupportsInt | typing.SupportsIndex) -> int:
+        ...
+    def same_state(self, a: typing.SupportsInt | typing.SupportsIndex, b: typing.SupportsInt | typing.SupportsIndex) -> bool:
+        ...
+    def trie_state(self, row: typing.SupportsInt | typing.SupportsIndex) -> int:
+        ...
+    def written_facts(self, row: typing.SupportsInt | typing.SupportsIndex) -> list:
+        ...
+    @property
+    def avoid_duplicates(self) -> bool:
+        ...
+    @property
+    def batch_size(self) -> int:
+        ...
+    @property
+    def bitmask_words(self) -> int:
+        ...
+    @property
+    def max_rollback_tokens(self) -> int:
+        ...
+    @property
+    def terminator_ids(self) -> list[int]:
+        ...
+    @property
+    def vocab_size(self) -> int:
+        ...
 def _choose_cpu_isa(forced: str, cpu_features: collections.abc.Sequence[str]) -> str:
     """
     The variant chosen for a CPU with `cpu_features` (names as in cpu_features()) under KCORE_FORCE_ISA=`forced` ('' = unset); raises ValueError as the import would. For tests of the selection rule.
@@ -81,6 +151,10 @@ def _choose_cpu_isa(forced: str, cpu_features: collections.abc.Sequence[str]) ->
 def apply_token_bitmask_cpu(logits: TensorArg, bitmask: TensorArg, indices: TensorArg | None = None) -> None:
     """
     Set logits ((rows, vocab) float32/float16/bfloat16, host) to -inf in place where the int32 bitmask bit is 0. indices (int64 (num_indices,) or None) selects rows. Tensors as kcore._native.tensor_arg.
+    """
+def apply_token_bitmask_keep_finite_cpu(logits: TensorArg, bitmask: TensorArg, indices: TensorArg | None = None) -> None:
+    """
+    Mask host logits in place with the bitmask (rows listed in indices, or all), then give a listed row whose allowed tokens were all -inf score 0 on them (see csrc/core/fact_matcher.h).
     """
 def build_info() -> dict:
     """

@@ -2,7 +2,8 @@
 
 Three capabilities (see README.md):
 
-* fact-constrained decoding: :class:`kcore.FactTrie`, :class:`kcore.hf.FactLogitsProcessor`;
+* fact-constrained decoding: :class:`kcore.FactTrie`, :class:`kcore.FactMatcher`,
+  :class:`kcore.hf.FactLogitsProcessor`;
 * memory lookup at the output: :mod:`kcore.memory` (kNN-LM datastore, MLP Memory);
 * attention over retrieved memories: :mod:`kcore.attention` (memory bank).
 
@@ -26,12 +27,14 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "FactTrie": "kcore.trie",
+    "FactMatcher": "kcore.matcher",
     "show_config": "kcore._native",
 }
 _SUBMODULES = ("ops", "hf", "memory", "attention", "kb", "models", "tokenizer")
 
 __all__ = [
     "FactTrie",
+    "FactMatcher",
     "show_config",
     "KcoreError",
     "InvalidInputError",
