@@ -9,7 +9,7 @@ import typing
 # (data_ptr, dtype code, shape, strides in elements, device: -1 host or the CUDA index),
 # as kcore._native.tensor_arg builds it
 TensorArg: typing.TypeAlias = tuple[int, int, collections.abc.Sequence[int], collections.abc.Sequence[int], int]
-__all__: list[str] = ['FactMatcher', 'Trie', 'TrieBuilder', 'apply_token_bitmask_cpu', 'apply_token_bitmask_keep_finite_cpu', 'build_info', 'cpu_features', 'cuda_compiled', 'echo_tensor_arg', 'elem_types', 'enter_host_openmp_scope', 'exit_host_openmp_scope', 'fact_step', 'knn_interpolate', 'knn_search', 'memory_attention_forward', 'merge_attention_states_f32', 'num_threads', 'parallel_backend', 'set_cpu_isa']
+__all__: list[str] = ['FactMatcher', 'Trie', 'TrieBuilder', 'apply_token_bitmask_cpu', 'apply_token_bitmask_keep_finite_cpu', 'build_info', 'cpu_features', 'cuda_compiled', 'echo_tensor_arg', 'elem_types', 'enter_host_openmp_scope', 'exit_host_openmp_scope', 'knn_interpolate', 'knn_search', 'memory_attention_forward', 'merge_attention_states_f32', 'num_threads', 'parallel_backend', 'set_cpu_isa']
 class TrieBuilder:
     """
     Sort-based external-memory builder of a .ktrie file (see kcore.trie).
@@ -90,6 +90,8 @@ class FactMatcher:
         ...
     def accept_token(self, row: typing.SupportsInt | typing.SupportsIndex, token: typing.SupportsInt | typing.SupportsIndex, strict: bool = True) -> None:
         ...
+    def accept_token_sequence(self, row: typing.SupportsInt | typing.SupportsIndex, tokens: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], strict: bool = True) -> None:
+        ...
     def accept_tokens(self, rows: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], tokens: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], strict: bool = True) -> None:
         ...
     def fill_next_token_bitmask(self, bitmask: numpy.ndarray, rows: typing.Annotated[numpy.typing.ArrayLike, numpy.int64] | None = None) -> numpy.typing.NDArray[numpy.bool]:
@@ -115,6 +117,8 @@ class FactMatcher:
     def prefill(self, row: typing.SupportsInt | typing.SupportsIndex, token_ids: typing.Annotated[numpy.typing.ArrayLike, numpy.int64]) -> None:
         ...
     def reset(self, rows: typing.Annotated[numpy.typing.ArrayLike, numpy.int64] | None = None) -> None:
+        ...
+    def resize(self, batch_size: typing.SupportsInt | typing.SupportsIndex) -> None:
         ...
     def rollback(self, row: typing.SupportsInt | typing.SupportsIndex, n: typing.SupportsInt | typing.SupportsIndex) -> None:
         ...
@@ -175,10 +179,6 @@ def enter_host_openmp_scope() -> None:
 def exit_host_openmp_scope() -> None:
     """
     Close one enter_host_openmp_scope().
-    """
-def fact_step(trie: Trie, rows: typing.SupportsInt | typing.SupportsIndex, mode: numpy.ndarray, state: numpy.ndarray, step_token: numpy.ndarray, written_offsets: numpy.ndarray | None, written_ids: numpy.ndarray | None, avoid_duplicates: bool, terminator: numpy.ndarray, bitmask: numpy.ndarray, first: numpy.ndarray, flags: numpy.ndarray, constrained: numpy.ndarray, logits: typing.SupportsInt | typing.SupportsIndex, dtype: typing.SupportsInt | typing.SupportsIndex, vocab: typing.SupportsInt | typing.SupportsIndex, logits_row_stride: typing.SupportsInt | typing.SupportsIndex) -> int:
-    """
-    One fact-constrained decoding step for every row (see csrc/core/fact_step.h): advances states, fills the bitmask, sets terminator bits and, when logits (host pointer, (rows, vocab), dtype code 0=fp32 1=fp16 2=bf16, row stride in elements) is not 0, masks them in place. Returns the number of constrained rows.
     """
 def knn_interpolate(logits: TensorArg, dists: TensorArg, values: TensorArg, lmbda: typing.SupportsFloat | typing.SupportsIndex, temperature: typing.SupportsFloat | typing.SupportsIndex, metric: typing.SupportsInt | typing.SupportsIndex, out: TensorArg) -> None:
     """

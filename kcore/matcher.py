@@ -289,6 +289,12 @@ class FactMatcher:
         """:meth:`accept_tokens` for one row."""
         self._m.accept_token(row, token, strict)
 
+    def accept_token_sequence(self, row: int, tokens, *, strict: bool = True) -> None:
+        """Advance one row by a run of tokens (ints ``[L]``) in one native call (a draft to verify,
+        text written earlier). With ``strict``, all or nothing: a refused token raises
+        :class:`kcore.InvalidInputError` naming its index and leaves the row as it was."""
+        self._m.accept_token_sequence(row, _ids(tokens, "tokens"), strict)
+
     def is_allowed(self, row: int, token: int) -> bool:
         """Whether the row's mask allows ``token`` now (without filling a bitmask)."""
         return self._m.is_allowed(row, token)
@@ -307,6 +313,14 @@ class FactMatcher:
         so any re-ordering of the rows onto themselves works; beam search, ``num_return_sequences``).
         ``dst_rows`` must be distinct. O(rows x (facts written + max_rollback_tokens))."""
         self._m.fork(_ids(src_rows, "src_rows"), _ids(dst_rows, "dst_rows"))
+
+    def resize(self, batch_size: int) -> None:
+        """Change the number of row slots: rows below ``min(old, new)`` keep their state, new rows
+        start in free text (a serving engine's growing batch)."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 0:
+            raise InvalidInputError(f"batch_size must be an int >= 0, got {batch_size!r}")
+        self._m.resize(int(batch_size))
+        self.batch_size = int(batch_size)
 
     def reset(self, rows=None) -> None:
         """Back to free text with nothing written, position 0 (``rows=None``: every row)."""

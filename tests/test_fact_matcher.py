@@ -464,3 +464,25 @@ def test_eight_threads_same_results_as_one(tok, trie_and_seqs):
     for t in threads:
         t.join()
     assert [results[s] for s in range(8)] == alone
+
+
+def test_accept_token_sequence_and_resize(tok, trie_and_seqs):
+    trie, _ = trie_and_seqs
+    m = kcore.FactMatcher(trie, tok, 2)
+    good = tok.encode("Fact: Japan capital Tokyo .\n")
+    m.accept_token_sequence(0, good)
+    assert len(m.written_facts(0)) == 1 and m._m.position(0) == len(good)
+    # strict, all or nothing: the refused token's index is named and the row is unchanged
+    bad = tok.encode("Fact: Japan capital Paris")
+    with pytest.raises(InvalidInputError, match=f"at index {len(bad) - 1}.*left unchanged"):
+        m.accept_token_sequence(1, bad)
+    assert m._m.position(1) == 0 and not m.is_in_fact([1])[0]
+    m.accept_token_sequence(1, bad, strict=False)
+    assert m.is_in_fact([1])[0] and _allowed(m, 1, len(tok)) == {tok.ids["\n"]}
+    # resize: rows below min(old, new) keep their state, new rows start free
+    m.resize(5)
+    assert m.batch_size == 5 and m.written_facts(0) and m.is_in_fact().tolist() == [False, True, False, False, False]
+    m.resize(1)
+    assert m.batch_size == 1 and m.written_facts(0)
+    with pytest.raises(InvalidInputError, match="out of range"):
+        m.is_in_fact([1])

@@ -114,7 +114,7 @@ def drive(proc, oracle, tok, prompts, *, steps, seed, beam_groups=None, extra_co
 
 
 def _oracle(tok, seqs, proc):
-    return Oracle(seqs, trigger_token_sequences(tok, "Fact:"), proc._tracker.term, proc.avoid_duplicates)
+    return Oracle(seqs, trigger_token_sequences(tok, "Fact:"), proc.terminator_ids, proc.avoid_duplicates)
 
 
 @pytest.mark.parametrize("avoid_duplicates", [True, False])
@@ -199,7 +199,7 @@ def test_padded_logits_and_dtypes(tok, trie_and_seqs, dtype):
 def test_multi_token_terminator(tok, trie_and_seqs):
     trie, seqs = trie_and_seqs
     proc = FactLogitsProcessor(trie, tok, terminator=";;")
-    assert len(proc._tracker.term) == 2
+    assert len(proc.terminator_ids) == 2
     drive(proc, _oracle(tok, seqs, proc), tok, [tok.encode("Fact:"), tok.encode("a")], steps=60, seed=7)
 
 
@@ -215,70 +215,51 @@ def test_non_contiguous_rows_and_strided_scores(tok, trie_and_seqs):
     assert torch.all(big[:, len(tok) + 5:] == 0), "columns outside the view untouched"
 
 
-class _TrieWithoutNativeHandle:
-    """A FactTrie seen through its public methods only: the processor falls back to separate
-    native calls (step, is_complete, fill_bitmask, apply) instead of the fused step."""
-
-    def __init__(self, trie):
-        self._trie = trie
-
-    def __getattr__(self, name):
-        if name == "_t":
-            raise AttributeError(name)
-        return getattr(self._trie, name)
-
-
 @pytest.mark.parametrize("avoid_duplicates", [True, False])
-def test_fused_and_separate_call_paths_agree_with_oracle(tok, trie_and_seqs, avoid_duplicates):
+def test_host_and_device_mask_paths_agree_with_oracle(tok, trie_and_seqs, avoid_duplicates):
+    """The one native masking call for host logits and the torch path used for logits on another
+    device mask identically, under beam re-ordering."""
     trie, seqs = trie_and_seqs
-    fused = FactLogitsProcessor(trie, tok, avoid_duplicates=avoid_duplicates)
-    separate = FactLogitsProcessor(_TrieWithoutNativeHandle(trie), tok, avoid_duplicates=avoid_duplicates)
-    assert fused._trie_handle is not None and separate._trie_handle is None
+    native_path = FactLogitsProcessor(trie, tok, avoid_duplicates=avoid_duplicates)
+    torch_path = FactLogitsProcessor(trie, tok, avoid_duplicates=avoid_duplicates)
+    torch_path._host_apply = False
 
     class Both:
         """Runs both processors on the same inputs and checks they mask identically."""
 
-        avoid_duplicates = fused.avoid_duplicates
-        _tracker = fused._tracker
+        avoid_duplicates = native_path.avoid_duplicates
+        terminator_ids = native_path.terminator_ids
 
         def __call__(self, input_ids, scores):
-            other = separate(input_ids, scores.clone())
-            out = fused(input_ids, scores)
+            other = torch_path(input_ids, scores.clone())
+            out = native_path(input_ids, scores)
             assert torch.equal(out, other)
             return out
 
     prompts = [tok.encode("Fact:")] * 2 + [tok.encode("Hello Fact: Japan")] * 2
-    drive(Both(), _oracle(tok, seqs, fused), tok, prompts, steps=80, seed=11, beam_groups=2, trigger_rate=0.5)
+    drive(Both(), _oracle(tok, seqs, native_path), tok, prompts, steps=80, seed=11, beam_groups=2, trigger_rate=0.5)
 
 
-def test_fact_step_rejects_bad_arrays(tok, trie_and_seqs):
-    from kcore._native import native
+def test_native_mask_call_rejects_bad_arrays(tok, trie_and_seqs):
+    from kcore._native import native, tensor_arg
 
-    trie, _ = trie_and_seqs
-    n, words = 2, (len(tok) + 31) // 32
-
-    def call(**over):
-        args = dict(trie=trie._t, rows=n, mode=np.ones(n, np.int8), state=np.full(n, trie.root_state, np.int64),
-                    step_token=np.full(n, -1, np.int64), written_offsets=None, written_ids=None, avoid_duplicates=True,
-                    terminator=np.array([tok.ids["\n"]], np.int64), bitmask=np.zeros((n, words), np.int32),
-                    first=np.zeros(n, np.int64), flags=np.zeros(n, np.uint8), constrained=np.zeros(n, np.int64),
-                    logits=0, dtype=0, vocab=len(tok), logits_row_stride=len(tok))
-        args.update(over)
-        return native().fact_step(**args)
-
-    assert call() == 2
-    with pytest.raises(InvalidInputError, match="state must have dtype"):
-        call(state=np.zeros(n, np.int32))
-    with pytest.raises(InvalidInputError, match="bitmask must have shape"):
-        call(bitmask=np.zeros((n + 1, words), np.int32))
-    with pytest.raises(InvalidInputError, match="terminator index"):
-        call(mode=np.full(n, 2, np.int8), state=np.full(n, 5, np.int64))
-    with pytest.raises(InvalidInputError, match="written_ids must be sorted"):
-        call(written_offsets=np.array([0, 2, 2], np.int64), written_ids=np.array([3, 1], np.int64))
+    apply = native().apply_token_bitmask_keep_finite_cpu
+    words = (len(tok) + 31) // 32
+    scores = torch.zeros(2, len(tok))
+    scores[1] = float("-inf")  # row 1: another processor banned everything
+    bitmask = torch.zeros(2, words, dtype=torch.int32)
+    bitmask[:, 0] = 0b1100  # tokens 2 and 3 allowed
+    apply(tensor_arg(scores), tensor_arg(bitmask), None)
+    assert allowed_from_scores(scores[0]) == {2, 3} and torch.all(scores[0, 2:4] == 0)
+    assert allowed_from_scores(scores[1]) == {2, 3} and torch.all(scores[1, 2:4] == 0), "kept finite"
+    with pytest.raises(InvalidInputError, match="logits must have dtype"):
+        apply(tensor_arg(scores.to(torch.int32)), tensor_arg(bitmask), None)
+    with pytest.raises(InvalidInputError, match="bitmask must have dtype"):
+        apply(tensor_arg(scores), tensor_arg(bitmask.long()), None)
     with pytest.raises(InvalidInputError):
-        call(state=np.full(n, 1 << 40, np.int64))  # not a state of this trie
-    with pytest.raises(InvalidInputError, match="dtype must be"):
-        call(logits=1, dtype=7)
+        apply(tensor_arg(scores), tensor_arg(torch.zeros(2, words - 1, dtype=torch.int32)), None)
+    with pytest.raises(InvalidInputError):
+        apply(tensor_arg(scores), tensor_arg(bitmask), tensor_arg(torch.tensor([5])))
 
 
 def test_prefix_allowed_tokens_fn_matches_processor(tok, trie_and_seqs):

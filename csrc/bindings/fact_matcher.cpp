@@ -118,6 +118,15 @@ void register_fact_matcher(py::module_& m) {
           },
           py::arg("rows"), py::arg("tokens"), py::arg("strict") = true)
       .def(
+          "accept_token_sequence",
+          [](FactMatcher& f, int64_t row, const I64Array& tokens, bool strict) {
+            const int64_t* t = ids_of(tokens, "tokens");
+            MaybeRelease gil(tokens.size());
+            f.accept_sequence(row, t, tokens.size(), strict);
+          },
+          py::arg("row"), py::arg("tokens"), py::arg("strict") = true)
+      .def("resize", &FactMatcher::resize, py::arg("batch_size"))
+      .def(
           "prefill",
           [](FactMatcher& f, int64_t row, const I64Array& tokens) {
             const int64_t* t = ids_of(tokens, "token_ids");

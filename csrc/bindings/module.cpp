@@ -61,7 +61,6 @@ PYBIND11_MODULE(_C, m) {
   kcore::bindings::register_cpu(m);
   kcore::bindings::register_trie(m);
   kcore::bindings::register_bitmask(m);
-  kcore::bindings::register_facts(m);
   kcore::bindings::register_fact_matcher(m);
   kcore::bindings::register_knn(m);
   kcore::bindings::register_memory_attention(m);

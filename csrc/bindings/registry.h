@@ -6,7 +6,6 @@ namespace kcore::bindings {
 void register_cpu(pybind11::module_& m);
 void register_trie(pybind11::module_& m);
 void register_bitmask(pybind11::module_& m);
-void register_facts(pybind11::module_& m);
 void register_fact_matcher(pybind11::module_& m);
 void register_knn(pybind11::module_& m);
 void register_memory_attention(pybind11::module_& m);

@@ -8,9 +8,6 @@
 
 namespace kcore {
 
-// The fact step (core/fact_step.*) still names the logits' element type so.
-using LogitsDtype = ElemType;
-
 struct BitmaskArgs {
   void* logits;                 // (rows, logits_row_stride) elements of `dtype`
   ElemType dtype;               // kFloat32, kFloat16 or kBFloat16

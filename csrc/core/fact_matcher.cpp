@@ -279,6 +279,37 @@ void FactMatcher::accept(const int64_t* rows, const int64_t* tokens, int64_t n, 
   for (int64_t i = 0; i < n; ++i) apply(rows_[static_cast<size_t>(rows[i])], scratch_[static_cast<size_t>(i)]);
 }
 
+void FactMatcher::accept_sequence(int64_t row, const int64_t* tokens, int64_t n, bool strict) {
+  Row& r = rows_[checked(row)];
+  for (int64_t i = 0; i < n; ++i)
+    if (tokens[i] < 0) throw InvalidInput("token ids must be >= 0; " + row_token(row, tokens[i]));
+  if (!strict) {
+    for (int64_t i = 0; i < n; ++i) apply(r, transition(r, tokens[i], false, false));
+    return;
+  }
+  const Row backup = r;
+  for (int64_t i = 0; i < n; ++i) {
+    const Transition t = transition(r, tokens[i], true, false);
+    if (!t.ok) {
+      const bool terminated = r.c.terminated != 0;
+      r = backup;
+      throw InvalidInput(std::string("token refused by the fact constraint: ") + row_token(row, tokens[i]) + " at index " +
+                         std::to_string(i) + (terminated ? " (the row is terminated)" : " is not allowed by the row's mask") +
+                         "; the row was left unchanged");
+    }
+    apply(r, t);
+  }
+}
+
+void FactMatcher::resize(int64_t batch_size) {
+  if (batch_size < 0) throw InvalidInput("batch_size must be >= 0, got " + std::to_string(batch_size));
+  const size_t old = rows_.size();
+  rows_.resize(static_cast<size_t>(batch_size));
+  for (size_t i = old; i < rows_.size(); ++i) rows_[i].history.resize(static_cast<size_t>(config_.max_rollback_tokens));
+  seen_.assign(rows_.size(), 0);
+  stamp_ = 0;
+}
+
 void FactMatcher::prefill(int64_t row, const int64_t* tokens, int64_t n) {
   Row& r = rows_[checked(row)];
   for (int64_t i = 0; i < n; ++i)

@@ -74,6 +74,11 @@ class FactMatcher {
   // dead (only the terminator stays allowed) unless it is an end token (the terminator, a token
   // holding the terminator's text, a special token), which closes the fact. Rows must be distinct.
   void accept(const int64_t* rows, const int64_t* tokens, int64_t n, bool strict);
+  // Advances one row by a run of tokens (text written earlier, a draft). strict: all or nothing,
+  // a refused token throws InvalidInput naming its index and leaves the row as it was.
+  void accept_sequence(int64_t row, const int64_t* tokens, int64_t n, bool strict);
+  // Changes the number of row slots; rows below min(old, new) keep their state, new rows are free.
+  void resize(int64_t batch_size);
   // Feeds a prompt leniently, then forgets the facts it wrote and its rollback history: token
   // positions restart at 0 after it.
   void prefill(int64_t row, const int64_t* tokens, int64_t n);
